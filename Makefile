@@ -1,0 +1,39 @@
+# Everyday targets. `make demo` and `make test` install what they need first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install build test test-pure demo bench lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) setup.py -q build_ext --inplace
+	touch $(STAMP)
+
+install: $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# The suite runs twice: with the C core, then with its pure-Python twins.
+test: $(STAMP)
+	$(PY) -m pytest -q -x
+	MTSERVE_PUREPYTHON=1 $(PY) -m pytest -q -x -m "not slow"
+
+demo: $(STAMP)
+	$(PY) -m bench.demo
+
+bench: $(STAMP)
+	$(VENV)/bin/mtbench latency
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build *.egg-info ext/*.c ext/*.so .pytest_cache .ruff_cache state

@@ -1,0 +1,606 @@
+"""The broker: tenant frontend, worker backend and the controller, in one `mediate()` loop.
+
+One thread owns both ROUTER sockets. Every turn it reads what arrived (bounded batches
+from each socket), lets the scheduler turn queues into actions, sends them, and on a
+timer purges lost workers, sends heartbeats and expires what waited too long. Tensor
+frames are forwarded zero-copy; the broker reads only headers. Every tenant request gets
+exactly one answer: answers go through `answer()`, which pops the request from the
+table of in-flight requests, so a second answer is impossible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from broker.commits import CommitValidator, PendingCommit, batch_cap
+from broker.registry import ModelRecord, Registry
+from broker.scheduler import make_scheduler
+from broker.state import Action, ActionKind, PendingRequest, WorkerState
+from broker.uploads import Uploads
+from broker.validate import order_inputs
+from ext import RequestTable
+from mtcore.config import BrokerConfig
+from mtcore.errors import (
+    BadArgument,
+    InternalError,
+    ModelExists,
+    ModelNotFound,
+    MTError,
+    ShuttingDown,
+    Status,
+    TooLarge,
+    WorkerLost,
+)
+from mtcore.protocol import (
+    TAG,
+    VERSION,
+    WORKER_TAG,
+    Cmd,
+    Limits,
+    Message,
+    WCmd,
+    build,
+    check_frames,
+    field,
+    parse_body,
+    parse_descs,
+    peek_cmd,
+    peek_id,
+    request_id,
+    split_envelope,
+)
+
+log = logging.getLogger("mtserve.broker")
+
+TICK = 0.05  # seconds between housekeeping passes
+RECV_BATCH = 256  # messages read from one socket per loop turn
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class Broker:
+    """Tenant frontend + controller + worker backend."""
+
+    def __init__(self, config: BrokerConfig, ctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or zmq.Context.instance()
+        self.limits = config.limits  # bounds on tenant messages
+        # Worker results carry whole batches and model bytes travel to workers: wider bounds.
+        self.worker_limits = Limits(
+            max_frame_bytes=max(config.max_model_bytes, config.limits.max_frame_bytes),
+            max_message_bytes=config.max_model_bytes + config.limits.max_message_bytes,
+            max_header_bytes=16 * config.limits.max_header_bytes,
+            max_frames=65536,
+        )
+        self.frontend = self._bind(config.frontend)  # tenants (ROUTER)
+        self.backend = self._bind(config.backend)  # workers (ROUTER)
+        self.registry = Registry(config.state_dir)  # models: SQLite + blobs
+        self.uploads = Uploads(config.state_dir / "uploads", config.max_model_bytes)
+        self.pending = RequestTable()  # rid -> PendingRequest, until answered
+        self.scheduler = make_scheduler(
+            config.scheduler, config.max_queue, self.pending.__contains__
+        )
+        self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
+        self.validator = CommitValidator()  # model checks off the loop
+        self.commits: list[PendingCommit] = []  # commits being validated or profiled
+        self.gc_shas: set[str] = set()  # blobs to remove once nothing uses them
+        self.counters: Counter[str] = Counter()  # requests by command, answers by status
+        self.started = time.monotonic()
+        self._rids = itertools.count(1)  # broker-internal request ids
+        self._next_tick = 0.0
+        self._stopping = False
+        self.handlers: dict[Cmd, Callable[[list[Any], Message, str], None]] = {
+            Cmd.PING: self.on_ping,
+            Cmd.UPLOAD_BEGIN: self.on_upload_begin,
+            Cmd.UPLOAD_CHUNK: self.on_upload_chunk,
+            Cmd.UPLOAD_COMMIT: self.on_upload_commit,
+            Cmd.INFER: self.on_infer,
+            Cmd.LIST: self.on_list,
+            Cmd.INFO: self.on_info,
+            Cmd.DELETE: self.on_delete,
+            Cmd.STATUS: self.on_status,
+        }
+
+    def _bind(self, address: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.bind(address)
+        return sock
+
+    # ------------------------------------------------------------------ loop
+
+    def mediate(self) -> None:
+        """Serve until `stop()`; then answer what is left with SHUTTING_DOWN."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        log.info("broker serving tenants on %s, workers on %s", self.config.frontend,
+                 self.config.backend)  # fmt: skip
+        try:
+            while not self._stopping:
+                timeout = 5 if self.commits else TICK * 1000
+                events = dict(poller.poll(timeout))
+                if self.backend in events:
+                    self._drain(self.backend, self.on_worker_message)
+                if self.frontend in events:
+                    self._drain(self.frontend, self.on_client_message)
+                now = time.monotonic()
+                if self.commits:
+                    self.advance_commits()
+                if now >= self._next_tick:
+                    self.tick(now)
+                    self._next_tick = now + TICK
+                self.dispatch(now)
+        finally:
+            self.shutdown()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None]) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:  # a bug must not stop the broker; the request was answered
+                log.exception("unhandled error while handling a message")
+                self.counters["internal_errors"] += 1
+
+    def stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def tick(self, now: float) -> None:
+        """Housekeeping: lost workers, heartbeats, expiries, garbage blobs."""
+        self.purge_lost_workers(now)
+        self.send_heartbeats(now)
+        for request in self.scheduler.expire(now):
+            waited_ms = (now - request.arrival) * 1e3
+            error = MTError(
+                f"deadline passed after {waited_ms:.1f} ms queued", Status.DEADLINE_EXPIRED
+            )
+            self.answer_error(request, error)
+        abandoned = InternalError("no answer from the worker long after the deadline; abandoned")
+        for _, request in self.pending.pop_expired(now):
+            self._reply_error(request.envelope, Cmd.INFER, request.client_id, abandoned)
+        self.uploads.expire(now, self.config.upload_timeout)
+        self.collect_garbage()
+
+    def shutdown(self) -> None:
+        error = ShuttingDown("the broker is stopping; retry against its replacement")
+        for key in self.pending.keys():  # noqa: SIM118 (a RequestTable, not a dict)
+            request = self.pending.pop(key)
+            self._reply_error(request.envelope, Cmd.INFER, request.client_id, error)
+        for commit in self.commits:
+            self._reply_error(commit.envelope, Cmd.UPLOAD_COMMIT, commit.client_id, error)
+            commit.path.unlink(missing_ok=True)
+        self.commits.clear()
+        self.validator.close()
+        self.uploads.close()
+        self.registry.close()
+        self.pending.close()
+        self.frontend.close(linger=100)
+        self.backend.close(linger=0)
+
+    # ------------------------------------------------------------------ tenants
+
+    def on_client_message(self, frames: list[Any]) -> None:
+        self.counters["messages"] += 1
+        try:
+            envelope, body = split_envelope(frames)
+        except MTError as exc:  # no delimiter: still routable by the first frame
+            self._reply_error(frames[:1], Cmd.PING.value, None, exc)
+            return
+        try:
+            msg = parse_body(body, TAG, Cmd, self.limits)
+        except MTError as exc:
+            self._reply_error(envelope, peek_cmd(body), peek_id(body), exc)
+            return
+        client_id = None
+        try:
+            client_id = request_id(msg.header)
+            tenant = self.tenant_of(msg.header)
+            self.counters[f"cmd.{msg.cmd.name.lower()}"] += 1
+            self.handlers[msg.cmd](envelope, msg, tenant)
+        except MTError as exc:
+            self._reply_error(envelope, msg.cmd, client_id, exc)
+        except Exception as exc:
+            log.exception("bug while handling %s", msg.cmd.name)
+            where = f"{type(exc).__name__} in {msg.cmd.name} handler: {exc}"
+            self._reply_error(envelope, msg.cmd, client_id, InternalError(where))
+
+    def tenant_of(self, header: dict[str, Any]) -> str:
+        """Insecure mode: the tenant named in the header (CURVE identities come later)."""
+        tenant = field(header, "tenant", str, "default")
+        if not _TENANT.fullmatch(tenant):
+            raise BadArgument("header field 'tenant' must be 1-64 letters, digits or ._-")
+        return tenant
+
+    def reply(
+        self, envelope: list[Any], cmd: Cmd | bytes, header: dict[str, Any], payload: list[Any] = ()
+    ) -> None:
+        header.setdefault("status", 0)
+        self.counters[f"status.{header['status']}"] += 1
+        value = cmd.value if isinstance(cmd, Cmd) else cmd
+        frames = [*envelope, b"", TAG, value, *build(TAG, Cmd.PING, header)[3:], *payload]
+        self.frontend.send_multipart(frames, copy=False)
+
+    def _reply_error(
+        self, envelope: list[Any], cmd: Cmd | bytes, client_id: int | None, exc: MTError
+    ) -> None:
+        header: dict[str, Any] = {"status": int(exc.status), "error": exc.message}
+        if client_id is not None:
+            header["id"] = client_id
+        self.reply(envelope, cmd, header)
+
+    def on_ping(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        self.reply(envelope, Cmd.PING, {"id": msg.header["id"], "server": f"mtserve {VERSION}"})
+
+    def on_upload_begin(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        h = msg.header
+        name = field(h, "name", str)
+        replace = field(h, "replace", bool, False)
+        if not replace and self.registry.get(tenant, name):
+            raise ModelExists(f"model '{name}' exists; upload with replace=true to overwrite it")
+        fmt = field(h, "format", str, "onnx")
+        if fmt != "onnx":
+            raise BadArgument(f"format {fmt!r:.20} is not supported; use 'onnx'")
+        max_batch = field(h, "max_batch", int, None)
+        if max_batch is not None and not 1 <= max_batch <= 4096:
+            raise BadArgument("header field 'max_batch' must be between 1 and 4096")
+        upload = self.uploads.begin(
+            tenant, name, field(h, "size", int), field(h, "sha256", str), replace, max_batch
+        )
+        self.reply(envelope, Cmd.UPLOAD_BEGIN, {"id": h["id"], "upload": upload.handle})
+
+    def on_upload_chunk(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        upload = self.uploads.get(tenant, field(msg.header, "upload", str))
+        if len(msg.payload) != 1:
+            raise BadArgument(
+                f"UPLOAD_CHUNK carries exactly 1 payload frame, got {len(msg.payload)}"
+            )
+        data = msg.payload[0].buffer
+        received = self.uploads.write_chunk(upload, field(msg.header, "offset", int), data)
+        self.reply(envelope, Cmd.UPLOAD_CHUNK, {"id": msg.header["id"], "received": received})
+
+    def on_upload_commit(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        upload = self.uploads.get(tenant, field(msg.header, "upload", str))
+        path = self.uploads.finish(upload)
+        future = self.validator.submit(path)
+        self.commits.append(PendingCommit(envelope, msg.header["id"], upload, path, future))
+
+    def on_infer(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        h = msg.header
+        name = field(h, "model", str)
+        model = self.registry.get(tenant, name)
+        if model is None:
+            raise ModelNotFound(f"no model '{name}' for tenant '{tenant}'; `list` shows yours")
+        descs = parse_descs(field(h, "inputs", list), self.limits)
+        check_frames(descs, msg.payload)
+        descs, frames, batch = order_inputs(model, descs, msg.payload)
+        now = time.monotonic()
+        deadline = math.inf
+        budget_ms = field(h, "deadline_ms", (int, float), None)
+        if budget_ms is not None:
+            if not 0 < budget_ms < 1e9:
+                raise BadArgument("header field 'deadline_ms' must be a positive number")
+            deadline = now + budget_ms / 1e3
+        request = PendingRequest(
+            next(self._rids), envelope, h["id"], model, descs, frames, batch, now, deadline
+        )
+        self.scheduler.add_request(request, now)
+        self.pending.insert(request.rid, deadline + self.config.answer_grace, request)
+
+    def on_list(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        models = [m.to_info() for m in self.registry.list(tenant)]
+        self.reply(envelope, Cmd.LIST, {"id": msg.header["id"], "models": models})
+
+    def on_info(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        model = self._model(tenant, msg.header)
+        self.reply(envelope, Cmd.INFO, {"id": msg.header["id"], "model": model.to_info()})
+
+    def on_delete(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        model = self._model(tenant, msg.header)
+        self.registry.delete(tenant, model.name)
+        self.gc_shas.add(model.sha256)
+        self.reply(envelope, Cmd.DELETE, {"id": msg.header["id"]})
+
+    def on_status(self, envelope: list[Any], msg: Message, tenant: str) -> None:
+        self.reply(
+            envelope, Cmd.STATUS, {"id": msg.header["id"], "status_info": self.status_info(tenant)}
+        )
+
+    def _model(self, tenant: str, header: dict[str, Any]) -> ModelRecord:
+        name = field(header, "model", str)
+        model = self.registry.get(tenant, name)
+        if model is None:
+            raise ModelNotFound(f"no model '{name}' for tenant '{tenant}'; `list` shows yours")
+        return model
+
+    def status_info(self, tenant: str) -> dict[str, Any]:
+        answered = {k[7:]: v for k, v in self.counters.items() if k.startswith("status.")}
+        return {
+            "server": f"mtserve {VERSION}",
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "pid": os.getpid(),
+            "scheduler": self.config.scheduler,
+            "workers": [w.describe() for w in self.workers.values()],
+            "models": self.registry.count(),
+            "tenant_models": len(self.registry.list(tenant)),
+            "queued": self.scheduler.queued(),
+            "in_flight": len(self.pending),
+            "uploads_in_progress": len(self.uploads.active),
+            "messages": self.counters["messages"],
+            "answers_by_status": answered,
+        }
+
+    # ------------------------------------------------------------------ answers
+
+    def answer(self, request: PendingRequest, header: dict[str, Any], payload: list[Any]) -> None:
+        """Send the one answer of a request, unless it was answered already."""
+        if self.pending.pop(request.rid, None) is None:
+            return
+        header["id"] = request.client_id
+        self.reply(request.envelope, Cmd.INFER, header, payload)
+
+    def answer_error(self, request: PendingRequest, exc: MTError) -> None:
+        self.answer(request, {"status": int(exc.status), "error": exc.message}, [])
+
+    # ------------------------------------------------------------------ commits
+
+    def advance_commits(self) -> None:
+        for commit in [c for c in self.commits if c.record is None and c.future.done()]:
+            try:
+                self._validated(commit)
+            except MTError as exc:
+                self._fail_commit(commit, exc)
+
+    def _validated(self, commit: PendingCommit) -> None:
+        signature = commit.future.result()  # raises ModelInvalid from the check
+        upload = commit.upload
+        max_batch = batch_cap(signature, upload.max_batch, self.config.max_batch)
+        self.registry.store.put_file(upload.sha256, commit.path)
+        commit.record = ModelRecord(
+            upload.tenant, upload.name, upload.sha256, upload.size,
+            signature.inputs, signature.outputs, max_batch,
+        )  # fmt: skip
+        worker = min(self.workers.values(), key=lambda w: len(w.inflight), default=None)
+        if worker is None:  # nobody to profile on: publish now, profile stays unknown
+            self._publish(commit)
+            return
+        batches = [b for b in self.config.profile_batches if b <= max_batch] or [1]
+        action = Action(ActionKind.PROFILE, worker, upload.sha256, context=commit)
+        action.context = (commit, batches)
+        worker.inflight[action.id] = action
+        commit.profile_action = action.id
+        self.send_action(action, time.monotonic())
+
+    def _publish(self, commit: PendingCommit, profile: dict[int, float] | None = None) -> None:
+        record = commit.record
+        self.commits.remove(commit)
+        existing = self.registry.get(record.tenant, record.name)
+        if existing and not commit.upload.replace:
+            self.gc_shas.add(record.sha256)
+            raise_to = ModelExists(f"model '{record.name}' was created by a concurrent upload")
+            self._reply_error(commit.envelope, Cmd.UPLOAD_COMMIT, commit.client_id, raise_to)
+            return
+        record.profile = dict(profile or {})
+        old = self.registry.put(record)
+        if old and old.sha256 != record.sha256:
+            self.gc_shas.add(old.sha256)
+        self.reply(envelope=commit.envelope, cmd=Cmd.UPLOAD_COMMIT,
+                   header={"id": commit.client_id, "model": record.to_info()})  # fmt: skip
+
+    def _fail_commit(self, commit: PendingCommit, exc: MTError) -> None:
+        if commit in self.commits:
+            self.commits.remove(commit)
+        commit.path.unlink(missing_ok=True)
+        if commit.record is not None:
+            self.gc_shas.add(commit.record.sha256)
+        self._reply_error(commit.envelope, Cmd.UPLOAD_COMMIT, commit.client_id, exc)
+
+    def collect_garbage(self) -> None:
+        in_commit = {c.upload.sha256 for c in self.commits}
+        for sha in list(self.gc_shas):
+            if self.registry.sha_in_use(sha) or sha in in_commit or self.scheduler.has_work(sha):
+                continue
+            self.gc_shas.discard(sha)
+            self.registry.store.remove(sha)
+            for worker in self.workers.values():
+                if worker.loaded.pop(sha, None) is not None:
+                    self.send_action(Action(ActionKind.UNLOAD, worker, sha), time.monotonic())
+
+    # ------------------------------------------------------------------ workers
+
+    def on_worker_message(self, frames: list[Any]) -> None:
+        try:
+            envelope, body = split_envelope(frames)
+            msg = parse_body(body, WORKER_TAG, WCmd, self.worker_limits)
+        except MTError as exc:
+            log.warning("dropped a malformed worker message: %s", exc)
+            self.counters["worker_malformed"] += 1
+            return
+        wid = envelope[0].bytes
+        now = time.monotonic()
+        if msg.cmd is WCmd.READY:
+            self.on_worker_ready(wid, msg, now)
+            return
+        worker = self.workers.get(wid)
+        if worker is None:  # e.g. it was declared lost, or we restarted: make it re-register
+            self.send_worker(wid, WCmd.DISCONNECT, {"reason": "unknown worker; send READY"})
+            return
+        worker.last_seen = now
+        if msg.cmd is WCmd.HEARTBEAT:
+            return
+        if msg.cmd is WCmd.FETCH_MODEL:
+            self.on_fetch_model(worker, msg)
+        elif msg.cmd is WCmd.DISCONNECT:
+            self.lose_worker(worker, "it disconnected")
+        else:
+            self.on_action_result(worker, msg, now)
+
+    def on_worker_ready(self, wid: bytes, msg: Message, now: float) -> None:
+        old = self.workers.get(wid)
+        if old is not None:
+            self.lose_worker(old, "it registered again")
+        h = msg.header
+        worker = WorkerState(
+            wid, str(h.get("name", "")), str(h.get("kind", "cpu")),
+            int(h.get("memory_budget", 0)), now,
+        )  # fmt: skip
+        self.workers[wid] = worker
+        self.scheduler.add_worker(worker)
+        self.send_worker(wid, WCmd.READY, {"heartbeat_interval": self.config.heartbeat_interval})
+        log.info("worker %s joined (%s, budget %d bytes)", worker.name, worker.kind,
+                 worker.memory_budget)  # fmt: skip
+
+    def on_fetch_model(self, worker: WorkerState, msg: Message) -> None:
+        sha = str(msg.header.get("sha256", ""))
+        store = self.registry.store
+        if not store.has(sha):
+            self.send_worker(worker.wid, WCmd.FETCH_MODEL,
+                             {"sha256": sha, "status": int(Status.LOAD_FAILED),
+                              "error": "no such model in the store"})  # fmt: skip
+            return
+        self.send_worker(
+            worker.wid, WCmd.FETCH_MODEL, {"sha256": sha, "status": 0}, [store.read(sha)]
+        )
+
+    def on_action_result(self, worker: WorkerState, msg: Message, now: float) -> None:
+        action = worker.inflight.pop(int(msg.header.get("action", 0)), None)
+        if action is None:
+            return  # late result of an action we gave up on
+        ok = msg.header.get("status", 0) == 0
+        self.scheduler.on_result(action, ok, now, list(msg.header.get("evicted", ())))
+        if action.kind is ActionKind.INFER:
+            self.on_infer_result(action, msg, now)
+        elif action.kind is ActionKind.PROFILE:
+            self.on_profile_result(action, msg)
+        elif not ok:
+            log.warning("worker %s failed to load %s: %s", worker.name, action.sha256[:12],
+                        msg.header.get("error"))  # fmt: skip
+
+    def on_infer_result(self, action: Action, msg: Message, now: float) -> None:
+        by_rid = {r.rid: r for r in action.requests}
+        timing = msg.header.get("timing", {})
+        frames = iter(msg.payload)
+        for rid, status, error, outputs in msg.header.get("results", ()):
+            request = by_rid.pop(rid, None)
+            own = [next(frames, b"") for _ in outputs]
+            if request is None:
+                continue
+            if status != 0:
+                self.answer_error(request, MTError(str(error), status))
+                continue
+            self.answer(request, {
+                "outputs": outputs,
+                "timing": {
+                    "queue": int((request.dispatched - request.arrival) * 1e6),
+                    "exec": int(timing.get("exec", 0)),
+                    "worker": int(timing.get("total", 0)),
+                    "total": int((now - request.arrival) * 1e6),
+                },
+                "batch": len(action.requests),
+            }, own)  # fmt: skip
+        for request in by_rid.values():
+            self.answer_error(request, InternalError("the worker's result omitted this request"))
+
+    def on_profile_result(self, action: Action, msg: Message) -> None:
+        commit, _ = action.context
+        if commit not in self.commits:
+            return
+        if msg.header.get("status", 0) != 0:
+            self._fail_commit(commit, MTError(str(msg.header.get("error")), msg.header["status"]))
+            return
+        profile = {int(k): float(v) for k, v in msg.header.get("profile", {}).items()}
+        self._publish(commit, profile)
+
+    def purge_lost_workers(self, now: float) -> None:
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > self.config.heartbeat_liveness:
+                self.lose_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
+
+    def lose_worker(self, worker: WorkerState, why: str) -> None:
+        log.warning("worker %s lost: %s", worker.name, why)
+        self.workers.pop(worker.wid, None)
+        for action in worker.inflight.values():
+            if action.kind is ActionKind.PROFILE and action.context[0] in self.commits:
+                self._publish(action.context[0])  # the profile waits for another worker
+        now = time.monotonic()
+        for request in self.scheduler.on_worker_lost(worker):
+            self.retry_or_fail(request, now, worker.name)
+        worker.inflight.clear()
+
+    def retry_or_fail(self, request: PendingRequest, now: float, worker_name: str) -> None:
+        if request.rid not in self.pending:
+            return
+        if request.retries >= 1 or request.deadline <= now:
+            self.answer_error(request, WorkerLost(
+                f"worker {worker_name} was lost while running this request"))  # fmt: skip
+            return
+        request.retries += 1
+        try:
+            self.scheduler.add_request(request, now)
+        except MTError as exc:
+            self.answer_error(request, exc)
+
+    def send_heartbeats(self, now: float) -> None:
+        for worker in self.workers.values():
+            if now - worker.last_sent > self.config.heartbeat_interval:
+                self.send_worker(worker.wid, WCmd.HEARTBEAT, {})
+                worker.last_sent = now
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(self, now: float) -> None:
+        actions = self.scheduler.schedule(now)
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        for request, exc in failed:
+            self.answer_error(request, exc)
+        for action in actions:
+            self.send_action(action, now)
+
+    def send_action(self, action: Action, now: float) -> None:
+        action.sent = now
+        header: dict[str, Any] = {"action": action.id, "sha256": action.sha256}
+        payload: list[Any] = []
+        if action.kind is ActionKind.INFER:
+            header["latest"] = None if math.isinf(action.latest) else action.latest - now
+            header["expected_duration"] = action.expected_duration
+            header["requests"] = [[r.rid, [d.to_wire() for d in r.inputs]] for r in action.requests]
+            payload = [f for r in action.requests for f in r.frames]
+        elif action.kind is ActionKind.PROFILE:
+            header["batches"] = action.context[1]
+        cmd = {
+            ActionKind.LOAD: WCmd.LOAD_MODEL,
+            ActionKind.UNLOAD: WCmd.UNLOAD_MODEL,
+            ActionKind.INFER: WCmd.INFER,
+            ActionKind.PROFILE: WCmd.PROFILE_MODEL,
+        }[action.kind]
+        self.send_worker(action.worker.wid, cmd, header, payload)
+        action.worker.last_sent = now
+
+    def send_worker(
+        self, wid: bytes, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()
+    ) -> None:
+        self.backend.send_multipart([wid, *build(WORKER_TAG, cmd, header, payload)], copy=False)
+
+
+def check_upload_fits(size: int, limit: int) -> None:
+    if size > limit:
+        raise TooLarge(f"{size} bytes exceeds the limit of {limit}")

@@ -1,0 +1,176 @@
+"""The model registry (SQLite) and the content-addressed model store on disk.
+
+Both live under the broker's state directory and survive a restart. A row names a
+tenant's model and points at a blob `models/<sha[:2]>/<sha256>.onnx`; identical bytes
+uploaded by several tenants share one blob. A blob is written completely (temp file,
+fsync, rename) before its row is committed, so a crash leaves either the old state or
+the new one, never a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtcore.protocol import TensorDesc
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    tenant     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    inputs     TEXT NOT NULL,     -- JSON list of [name, dtype, shape]
+    outputs    TEXT NOT NULL,
+    max_batch  INTEGER NOT NULL,
+    profile    TEXT NOT NULL,     -- JSON map batch size -> exec microseconds
+    created    REAL NOT NULL,     -- unix time
+    PRIMARY KEY (tenant, name)
+);
+"""
+
+
+@dataclass
+class ModelRecord:
+    """One tenant's model, as the registry holds it and the controller uses it."""
+
+    tenant: str
+    name: str
+    sha256: str
+    size: int
+    inputs: tuple[TensorDesc, ...]
+    outputs: tuple[TensorDesc, ...]
+    max_batch: int
+    profile: dict[int, float] = field(default_factory=dict)  # batch -> exec microseconds
+    created: float = 0.0
+    state: str = "ready"
+
+    @property
+    def batchable(self) -> bool:
+        return self.max_batch > 1
+
+    def to_info(self) -> dict[str, Any]:
+        """The protocol's model info map."""
+        return {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "inputs": [d.to_wire() for d in self.inputs],
+            "outputs": [d.to_wire() for d in self.outputs],
+            "max_batch": self.max_batch,
+            "state": self.state,
+            "profile": {str(k): int(v) for k, v in self.profile.items()},  # msgpack keys: strings
+            "created": self.created,
+        }
+
+
+def _descs_json(descs: tuple[TensorDesc, ...]) -> str:
+    return json.dumps([d.to_wire() for d in descs])
+
+
+def _descs_from_json(text: str) -> tuple[TensorDesc, ...]:
+    return tuple(TensorDesc(n, t, tuple(s)) for n, t, s in json.loads(text))
+
+
+class ModelStore:
+    """Content-addressed blobs: the cold tier every worker fetches from."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.onnx"
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put_file(self, sha256: str, source: Path) -> Path:
+        """Move a complete, verified file into the store (atomic rename)."""
+        target = self.path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            source.unlink(missing_ok=True)
+        else:
+            os.replace(source, target)
+        return target
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def remove(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+
+class Registry:
+    """SQLite rows plus an in-memory index, so lookups on the request path touch no disk."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ModelStore(state_dir / "models")
+        self.db = sqlite3.connect(state_dir / "registry.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        self.models: dict[tuple[str, str], ModelRecord] = {}  # (tenant, name) -> record
+        self._load()
+
+    def _load(self) -> None:
+        rows = self.db.execute(
+            "SELECT tenant, name, sha256, size, inputs, outputs, max_batch, profile, created "
+            "FROM models"
+        ).fetchall()
+        for tenant, name, sha, size, ins, outs, max_batch, profile, created in rows:
+            if not self.store.has(sha):
+                continue  # blob lost outside our control: the model cannot be served
+            self.models[(tenant, name)] = ModelRecord(
+                tenant, name, sha, size, _descs_from_json(ins), _descs_from_json(outs),
+                max_batch, {int(k): v for k, v in json.loads(profile).items()}, created,
+            )  # fmt: skip
+
+    def get(self, tenant: str, name: str) -> ModelRecord | None:
+        return self.models.get((tenant, name))
+
+    def list(self, tenant: str) -> list[ModelRecord]:
+        return sorted((m for (t, _), m in self.models.items() if t == tenant), key=lambda m: m.name)
+
+    def put(self, record: ModelRecord) -> ModelRecord | None:
+        """Insert or replace a record; returns the record it replaced, if any."""
+        record.created = record.created or time.time()
+        self.db.execute(
+            "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.tenant, record.name, record.sha256, record.size,
+                _descs_json(record.inputs), _descs_json(record.outputs), record.max_batch,
+                json.dumps({str(k): v for k, v in record.profile.items()}), record.created,
+            ),
+        )  # fmt: skip
+        old = self.models.get((record.tenant, record.name))
+        self.models[(record.tenant, record.name)] = record
+        return old
+
+    def set_profile(self, record: ModelRecord, profile: dict[int, float]) -> None:
+        record.profile = dict(profile)
+        self.db.execute(
+            "UPDATE models SET profile = ? WHERE tenant = ? AND name = ? AND sha256 = ?",
+            (json.dumps({str(k): v for k, v in profile.items()}), record.tenant, record.name,
+             record.sha256),
+        )  # fmt: skip
+
+    def delete(self, tenant: str, name: str) -> ModelRecord | None:
+        self.db.execute("DELETE FROM models WHERE tenant = ? AND name = ?", (tenant, name))
+        return self.models.pop((tenant, name), None)
+
+    def sha_in_use(self, sha256: str) -> bool:
+        return any(m.sha256 == sha256 for m in self.models.values())
+
+    def count(self) -> int:
+        return len(self.models)
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,160 @@
+"""Uploads in progress: chunks written at their offsets into a temp file, checked at commit.
+
+A tenant may send chunks in any order and resend one; commit verifies that every byte
+of the declared size arrived and that the sha256 matches, so a truncated or corrupt
+upload is caught before anything becomes visible. Temp files live in `uploads/` under
+the state directory and are removed on commit, on failure, on timeout and at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from mtcore.errors import BadArgument, QuotaExceeded, TooLarge, UploadCorrupt
+
+MAX_UPLOADS_PER_TENANT = 16
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_model_name(name: str) -> str:
+    if not _MODEL_NAME.fullmatch(name):
+        raise BadArgument(
+            f"model name {name!r:.80} is not valid: 1-128 characters of letters, digits and "
+            "._:- starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class Upload:
+    """One upload in progress."""
+
+    handle: str
+    tenant: str
+    name: str
+    size: int  # declared total bytes
+    sha256: str  # declared hex digest
+    replace: bool  # may overwrite an existing model of that name
+    max_batch: int | None  # requested batch cap, None for the default
+    path: Path  # temp file the chunks are written into
+    file: BinaryIO
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # merged [start, end) received
+    touched: float = field(default_factory=time.monotonic)  # last activity
+
+    def received(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+    def add_range(self, start: int, end: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for s, e in sorted([*self.ranges, (start, end)]):
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        self.ranges = merged
+
+
+class Uploads:
+    """All uploads in progress, by handle."""
+
+    def __init__(self, directory: Path, max_model_bytes: int) -> None:
+        self.directory = directory
+        self.max_model_bytes = max_model_bytes
+        self.active: dict[str, Upload] = {}  # handle -> upload
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.part"):  # left by a previous broker: never committed
+            stale.unlink(missing_ok=True)
+
+    def begin(
+        self, tenant: str, name: str, size: int, sha256: str, replace: bool, max_batch: int | None
+    ) -> Upload:
+        check_model_name(name)
+        if size <= 0:
+            raise BadArgument("header field 'size' must be a positive byte count")
+        if size > self.max_model_bytes:
+            raise TooLarge(f"model of {size} bytes exceeds the limit of {self.max_model_bytes}")
+        sha256 = sha256.lower()
+        if not _SHA256.fullmatch(sha256):
+            raise BadArgument("header field 'sha256' must be 64 hex digits")
+        if sum(u.tenant == tenant for u in self.active.values()) >= MAX_UPLOADS_PER_TENANT:
+            raise QuotaExceeded(
+                f"tenant has {MAX_UPLOADS_PER_TENANT} uploads in progress; "
+                "commit them or let them expire"
+            )
+        handle = secrets.token_hex(12)
+        path = self.directory / f"{handle}.part"
+        upload = Upload(
+            handle, tenant, name, size, sha256, replace, max_batch, path, path.open("wb")
+        )
+        self.active[handle] = upload
+        return upload
+
+    def get(self, tenant: str, handle: str) -> Upload:
+        upload = self.active.get(handle)
+        if upload is None or upload.tenant != tenant:
+            raise UploadCorrupt(f"unknown upload handle {handle!r:.40} (expired or never begun)")
+        upload.touched = time.monotonic()
+        return upload
+
+    def write_chunk(self, upload: Upload, offset: int, data: memoryview) -> int:
+        end = offset + len(data)
+        if offset < 0 or end > upload.size:
+            self.discard(upload)
+            raise UploadCorrupt(
+                f"chunk [{offset}, {end}) lies outside the declared size {upload.size}; "
+                "upload discarded"
+            )
+        upload.file.seek(offset)
+        upload.file.write(data)
+        upload.add_range(offset, end)
+        return upload.received()
+
+    def finish(self, upload: Upload) -> Path:
+        """Close the temp file and verify it; the caller owns the file afterwards."""
+        self.active.pop(upload.handle, None)
+        upload.file.close()
+        got = upload.received()
+        if got != upload.size:
+            upload.path.unlink(missing_ok=True)
+            raise UploadCorrupt(
+                f"upload incomplete: {got} of {upload.size} bytes received "
+                f"(ranges {upload.ranges[:4]}); upload discarded, start again"
+            )
+        digest = _sha256_file(upload.path)
+        if digest != upload.sha256:
+            upload.path.unlink(missing_ok=True)
+            raise UploadCorrupt(
+                f"sha256 mismatch: declared {upload.sha256}, received bytes hash to {digest}; "
+                "upload discarded"
+            )
+        return upload.path
+
+    def discard(self, upload: Upload) -> None:
+        self.active.pop(upload.handle, None)
+        upload.file.close()
+        upload.path.unlink(missing_ok=True)
+
+    def expire(self, now: float, timeout: float) -> int:
+        stale = [u for u in self.active.values() if now - u.touched > timeout]
+        for upload in stale:
+            self.discard(upload)
+        return len(stale)
+
+    def close(self) -> None:
+        for upload in list(self.active.values()):
+            self.discard(upload)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

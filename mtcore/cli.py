@@ -1,0 +1,190 @@
+"""`mtserve`: run the service (`up`, `broker`, `worker`) and talk to it (`upload`, `infer`, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mtcore.client import DEFAULT_ADDRESS, Client
+from mtcore.errors import MTError
+
+MIB = 1024 * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    try:
+        return args.run(args) or 0
+    except MTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (TimeoutError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtserve", description=__doc__)
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(required=True, metavar="command")
+
+    up = sub.add_parser("up", help="start a broker and N workers on loopback; Ctrl-C stops them")
+    up.add_argument("--state-dir", default="state")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--port", type=int, default=5555, help="frontend port; backend is port+1")
+    up.add_argument("--memory-mb", type=int, default=1024, help="live-model budget per worker")
+    up.set_defaults(run=cmd_up)
+
+    b = sub.add_parser("broker", help="run the broker (frontend + controller + backend)")
+    b.add_argument("--state-dir", default="state")
+    b.add_argument("--frontend", default="tcp://127.0.0.1:5555")
+    b.add_argument("--backend", default="tcp://127.0.0.1:5556")
+    b.add_argument("--max-batch", type=int, default=8)
+    b.add_argument("--max-frame-mb", type=int, default=64, help="largest tenant payload frame")
+    b.add_argument("--heartbeat-liveness", type=float, default=5.0)
+    b.add_argument("--profile-batches", default="1,2,4,8")
+    b.set_defaults(run=cmd_broker)
+
+    w = sub.add_parser("worker", help="run one worker")
+    w.add_argument("--backend", default="tcp://127.0.0.1:5556")
+    w.add_argument("--name", default="")
+    w.add_argument("--memory-mb", type=int, default=1024)
+    w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    w.set_defaults(run=cmd_worker)
+
+    for name, fn, text in (("upload", cmd_upload, "upload an ONNX model"),
+                           ("infer", cmd_infer, "run a model once on random or .npy inputs"),
+                           ("status", cmd_status, "print the broker's status"),
+                           ("list", cmd_list, "list your models"),
+                           ("delete", cmd_delete, "delete a model")):  # fmt: skip
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--address", default=DEFAULT_ADDRESS)
+        c.add_argument("--tenant", default=None)
+        c.set_defaults(run=fn)
+        if name in ("upload", "infer", "delete"):
+            c.add_argument("model", help="model name")
+        if name == "upload":
+            c.add_argument("file", type=Path)
+            c.add_argument("--replace", action="store_true")
+            c.add_argument("--max-batch", type=int, default=None)
+        if name == "infer":
+            c.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+            c.add_argument("--batch", type=int, default=1, help="rows of random input")
+            c.add_argument("--deadline-ms", type=float, default=None)
+    return p
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from mtcore.cluster import LocalCluster
+
+    cluster = LocalCluster(args.state_dir, workers=args.workers, port=args.port,
+                           memory_mb=args.memory_mb)  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with cluster:
+        print(f"mtserve up: {args.workers} worker(s); tenants connect to {cluster.address}")
+        print(f"state in {Path(args.state_dir).resolve()}; logs in {cluster.log_dir}; Ctrl-C stops")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(1)
+                cluster._check_alive()
+        except KeyboardInterrupt:
+            print("stopping")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from broker.broker import Broker
+    from mtcore.cluster import ENDPOINTS_FILE
+    from mtcore.config import BrokerConfig
+    from mtcore.protocol import Limits
+
+    config = BrokerConfig(
+        frontend=args.frontend, backend=args.backend, state_dir=Path(args.state_dir),
+        max_batch=args.max_batch, heartbeat_liveness=args.heartbeat_liveness,
+        limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
+        profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
+    )  # fmt: skip
+    broker = Broker(config)
+    broker.install_signal_handlers()
+    endpoints = {
+        "frontend": broker.frontend.getsockopt_string(32),  # ZMQ_LAST_ENDPOINT
+        "backend": broker.backend.getsockopt_string(32),
+    }
+    tmp = config.state_dir / (ENDPOINTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(endpoints))
+    tmp.replace(config.state_dir / ENDPOINTS_FILE)
+    broker.mediate()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from mtcore.config import WorkerConfig
+    from worker.worker import Worker
+
+    config = WorkerConfig(backend=args.backend, name=args.name, memory_budget=args.memory_mb * MIB,
+                          intra_op_threads=args.threads)  # fmt: skip
+    worker = Worker(config)
+    worker.install_signal_handlers()
+    worker.run()
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    with Client(args.address, tenant=args.tenant) as client:
+        info = client.upload_model(args.model, args.file, replace=args.replace,
+                                   max_batch=args.max_batch)  # fmt: skip
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    with Client(args.address, tenant=args.tenant) as client:
+        info = client.model_info(args.model)
+        inputs = {k: np.load(v) for k, v in (s.split("=", 1) for s in args.input)}
+        rng = np.random.default_rng(0)
+        for name, dtype, shape in info["inputs"]:
+            if name not in inputs:
+                dims = [
+                    args.batch if d == -1 and i == 0 else max(d, 1) for i, d in enumerate(shape)
+                ]
+                inputs[name] = rng.standard_normal(dims).astype(dtype)
+        result = client.infer(args.model, inputs, deadline_ms=args.deadline_ms)
+    for name, array in result.outputs.items():
+        print(f"{name}: {array.dtype}{list(array.shape)} mean={array.mean():.6g} "
+              f"first={array.ravel()[:4].tolist()}")  # fmt: skip
+    print("timing (us):", json.dumps(result.timing))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(args.address, tenant=args.tenant) as client:
+        print(json.dumps(client.status(), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with Client(args.address, tenant=args.tenant) as client:
+        for m in client.list_models():
+            print(f"{m['name']:24} {m['size']:>12} bytes  max_batch={m['max_batch']}  "
+                  f"{m['sha256'][:12]}  profile={m['profile']}")  # fmt: skip
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with Client(args.address, tenant=args.tenant) as client:
+        client.delete_model(args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

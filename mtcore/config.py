@@ -1,0 +1,51 @@
+"""Configuration of the broker and the workers: every limit and budget in one place.
+
+Defaults suit the local cluster (`mtserve up`) on loopback; an operator overrides them
+with CLI options. Sizes are bytes, times are seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtcore.protocol import Limits
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+@dataclass
+class BrokerConfig:
+    """The broker process: its sockets, its state on disk and its limits."""
+
+    frontend: str = "tcp://127.0.0.1:5555"  # tenants connect here (ROUTER)
+    backend: str = "tcp://127.0.0.1:5556"  # workers connect here (ROUTER)
+    state_dir: Path = Path("state")  # registry.sqlite, models/, uploads/
+    insecure: bool = True  # tenant named by the header field `tenant` (no CURVE yet)
+    limits: Limits = field(default_factory=Limits)
+    max_model_bytes: int = 2 * GIB  # largest model an upload may declare
+    upload_timeout: float = 300.0  # an uncommitted upload is discarded after this idle time
+    max_batch: int = 8  # default batch cap for models that allow batching
+    max_queue: int = 10_000  # queued requests before new ones get OVERLOADED
+    heartbeat_interval: float = 1.0  # broker -> worker heartbeat when idle
+    heartbeat_liveness: float = 5.0  # a worker silent this long is lost
+    answer_grace: float = 30.0  # an answer this late past its deadline is given up as INTERNAL
+    scheduler: str = "fifo"  # scheduler implementation (see broker.scheduler.make_scheduler)
+    profile_batches: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes measured at upload
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+
+
+@dataclass
+class WorkerConfig:
+    """One worker process: where its broker is and how much it may hold."""
+
+    backend: str = "tcp://127.0.0.1:5556"  # the broker's backend address
+    name: str = ""  # defaults to worker-<pid>
+    memory_budget: int = 2 * GIB  # bytes of live models (ONNX Runtime sessions on CPU)
+    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 lets ORT choose
+    heartbeat_interval: float = 1.0  # worker -> broker heartbeat when idle
+    heartbeat_liveness: float = 5.0  # broker silent this long: reconnect
+    kind: str = "cpu"  # backend kind reported to the broker

@@ -1,0 +1,209 @@
+"""The exec thread: runs actions one at a time and sends each result to the I/O thread.
+
+It owns the live models (the device tier: ONNX Runtime sessions under a byte budget)
+and one end of an inproc PAIR socket; it never touches the broker socket. Results are
+complete worker-protocol messages, which the I/O thread forwards unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from mtcore.errors import LoadFailed, MTError, Status
+from mtcore.protocol import WORKER_TAG, WCmd, build, decode_tensor, encode_tensor, parse_descs
+from worker.onnx_backend import LiveModel, RequestInputs, load_model, profile, run_batch
+
+log = logging.getLogger("mtserve.worker")
+
+
+@dataclass
+class Job:
+    """An action handed from the I/O thread, with model bytes when it needs them."""
+
+    cmd: WCmd
+    header: dict[str, Any]
+    frames: list[Any] = field(default_factory=list)
+    data: bytes | None = None  # model bytes for LOAD/PROFILE
+    error: MTError | None = None  # why the bytes could not be fetched
+    received: float = field(default_factory=time.monotonic)
+
+
+STOP = Job(WCmd.DISCONNECT, {})  # sentinel: the thread exits
+UNLOAD_ALL = Job(WCmd.UNLOAD_MODEL, {"all": True})
+
+
+class LiveModels:
+    """Live sessions under a byte budget, least recently used first."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.models: OrderedDict[str, LiveModel] = OrderedDict()
+
+    def get(self, sha: str) -> LiveModel | None:
+        model = self.models.get(sha)
+        if model is not None:
+            self.models.move_to_end(sha)
+        return model
+
+    def make_room(self, need: int) -> list[str]:
+        """Evict least-recently-used models until `need` bytes fit; return their shas."""
+        evicted = []
+        while self.models and self.used() + need > self.budget:
+            sha, _ = self.models.popitem(last=False)
+            evicted.append(sha)
+        return evicted
+
+    def add(self, model: LiveModel) -> None:
+        self.models[model.sha256] = model
+
+    def drop(self, sha: str) -> None:
+        self.models.pop(sha, None)
+
+    def used(self) -> int:
+        return sum(m.nbytes for m in self.models.values())
+
+
+class Executor(threading.Thread):
+    """Runs LOAD, UNLOAD, INFER and PROFILE jobs in arrival order."""
+
+    def __init__(self, ctx: zmq.Context, address: str, budget: int, threads: int) -> None:
+        super().__init__(name="mtserve-exec", daemon=True)
+        self.ctx = ctx
+        self.address = address  # inproc PAIR endpoint bound by the I/O thread
+        self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.live = LiveModels(budget)
+        self.threads = threads  # ONNX Runtime intra-op threads per session
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        try:
+            while (job := self.jobs.get()) is not STOP:
+                frames = self.handle(job)
+                if frames:
+                    sock.send_multipart(frames, copy=False)
+        finally:
+            sock.close()
+
+    def handle(self, job: Job) -> list[Any] | None:
+        try:
+            if job.cmd is WCmd.LOAD_MODEL:
+                return self.load(job)
+            if job.cmd is WCmd.UNLOAD_MODEL:
+                self.unload(job)
+                return None
+            if job.cmd is WCmd.INFER:
+                return self.infer(job)
+            if job.cmd is WCmd.PROFILE_MODEL:
+                return self.profile(job)
+        except Exception as exc:  # a bug: answer the action so its requests are not lost
+            log.exception("exec thread failed on %s", job.cmd.name)
+            return self._failed(
+                job, MTError(f"worker bug in {job.cmd.name}: {exc}", Status.INTERNAL)
+            )
+        return None
+
+    # -- actions ----------------------------------------------------------------
+
+    def load(self, job: Job) -> list[Any]:
+        sha = job.header["sha256"]
+        start = time.perf_counter()
+        evicted: list[str] = []
+        if self.live.get(sha) is None:
+            if job.error is not None:
+                return self._failed(job, LoadFailed(job.error.message))
+            evicted = self.live.make_room(len(job.data))
+            try:
+                self.live.add(load_model(sha, job.data, self.threads))
+            except MTError as exc:
+                return self._failed(job, LoadFailed(exc.message), evicted)
+        timing = {"load": int((time.perf_counter() - start) * 1e6)}
+        return self._result(job, {"status": 0, "timing": timing, "evicted": evicted})
+
+    def unload(self, job: Job) -> None:
+        if job.header.get("all"):
+            self.live.models.clear()
+        else:
+            self.live.drop(job.header["sha256"])
+
+    def infer(self, job: Job) -> list[Any]:
+        start = time.perf_counter()
+        waited = time.monotonic() - job.received
+        latest = job.header.get("latest")
+        if latest is not None and waited > latest:
+            error = MTError(f"the worker could not start it in time (waited {waited * 1e3:.1f} ms)",
+                            Status.DEADLINE_EXPIRED)  # fmt: skip
+            return self._failed(job, error)
+        model = self.live.get(job.header["sha256"])
+        if model is None:
+            return self._failed(job, LoadFailed("the model is not loaded on this worker"))
+        batch = self._decode_requests(job)
+        exec_start = time.perf_counter()
+        outcomes = run_batch(model, batch)
+        exec_us = (time.perf_counter() - exec_start) * 1e6
+        results, frames = [], []
+        for rid, outputs, error in outcomes:
+            if error is not None:
+                results.append(
+                    [rid, int(getattr(error, "status", Status.EXEC_FAILED)), str(error), []]
+                )
+                continue
+            descs = []
+            for name, array in zip(model.output_names, outputs, strict=True):
+                desc, buf = encode_tensor(name, array)
+                descs.append(desc)
+                frames.append(buf)
+            results.append([rid, 0, None, descs])
+        timing = {"exec": int(exec_us), "total": int((time.perf_counter() - start) * 1e6),
+                  "wait": int(waited * 1e6)}  # fmt: skip
+        header = {"status": 0, "timing": timing, "results": results}
+        return self._result(job, header, frames)
+
+    def _decode_requests(self, job: Job) -> list[RequestInputs]:
+        frames = iter(job.frames)
+        batch = []
+        for rid, descs in job.header["requests"]:
+            arrays = [decode_tensor(d, next(frames)) for d in parse_descs(descs)]
+            batch.append(RequestInputs(rid, arrays))
+        return batch
+
+    def profile(self, job: Job) -> list[Any]:
+        if job.error is not None:
+            return self._failed(job, job.error)
+        sha = job.header["sha256"]
+        try:
+            model = self.live.get(sha) or load_model(sha, job.data, self.threads)
+            measured = profile(model, [int(b) for b in job.header.get("batches", [1])])
+        except MTError as exc:
+            return self._failed(job, MTError(exc.message, Status.MODEL_INVALID))
+        except Exception as exc:
+            error = f"the model loads but fails to run on random inputs: {str(exc)[:400]}"
+            return self._failed(job, MTError(error, Status.MODEL_INVALID))
+        header = {"status": 0, "profile": {str(b): us for b, us in measured.items()},
+                  "load_us": model.load_us}  # fmt: skip
+        return self._result(job, header)
+
+    # -- results ------------------------------------------------------------------
+
+    def _result(self, job: Job, header: dict[str, Any], frames: list[Any] = ()) -> list[Any]:
+        header["action"] = job.header.get("action", 0)
+        header["sha256"] = job.header.get("sha256")
+        return build(WORKER_TAG, job.cmd, header, frames)
+
+    def _failed(self, job: Job, error: MTError, evicted: list[str] = ()) -> list[Any]:
+        header: dict[str, Any] = {"status": int(error.status), "error": error.message,
+                                  "evicted": list(evicted)}  # fmt: skip
+        if job.cmd is WCmd.INFER:
+            header["results"] = [
+                [rid, int(error.status), error.message, []] for rid, _ in job.header["requests"]
+            ]
+        return self._result(job, header)
