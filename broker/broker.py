@@ -126,8 +126,9 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
-        log.info("broker serving tenants on %s, workers on %s", self.config.frontend,
-                 self.config.backend)  # fmt: skip
+        log.info(
+            "broker serving tenants on %s, workers on %s", self.config.frontend, self.config.backend
+        )
         try:
             while not self._stopping:
                 timeout = 5 if self.commits else TICK * 1000
@@ -376,9 +377,14 @@ class Broker:
         max_batch = batch_cap(signature, upload.max_batch, self.config.max_batch)
         self.registry.store.put_file(upload.sha256, commit.path)
         commit.record = ModelRecord(
-            upload.tenant, upload.name, upload.sha256, upload.size,
-            signature.inputs, signature.outputs, max_batch,
-        )  # fmt: skip
+            upload.tenant,
+            upload.name,
+            upload.sha256,
+            upload.size,
+            signature.inputs,
+            signature.outputs,
+            max_batch,
+        )
         worker = min(self.workers.values(), key=lambda w: len(w.inflight), default=None)
         if worker is None:  # nobody to profile on: publish now, profile stays unknown
             self._publish(commit)
@@ -403,8 +409,11 @@ class Broker:
         old = self.registry.put(record)
         if old and old.sha256 != record.sha256:
             self.gc_shas.add(old.sha256)
-        self.reply(envelope=commit.envelope, cmd=Cmd.UPLOAD_COMMIT,
-                   header={"id": commit.client_id, "model": record.to_info()})  # fmt: skip
+        self.reply(
+            envelope=commit.envelope,
+            cmd=Cmd.UPLOAD_COMMIT,
+            header={"id": commit.client_id, "model": record.to_info()},
+        )
 
     def _fail_commit(self, commit: PendingCommit, exc: MTError) -> None:
         if commit in self.commits:
@@ -460,22 +469,32 @@ class Broker:
             self.lose_worker(old, "it registered again")
         h = msg.header
         worker = WorkerState(
-            wid, str(h.get("name", "")), str(h.get("kind", "cpu")),
-            int(h.get("memory_budget", 0)), now,
-        )  # fmt: skip
+            wid,
+            str(h.get("name", "")),
+            str(h.get("kind", "cpu")),
+            int(h.get("memory_budget", 0)),
+            now,
+        )
         self.workers[wid] = worker
         self.scheduler.add_worker(worker)
         self.send_worker(wid, WCmd.READY, {"heartbeat_interval": self.config.heartbeat_interval})
-        log.info("worker %s joined (%s, budget %d bytes)", worker.name, worker.kind,
-                 worker.memory_budget)  # fmt: skip
+        log.info(
+            "worker %s joined (%s, budget %d bytes)", worker.name, worker.kind, worker.memory_budget
+        )
 
     def on_fetch_model(self, worker: WorkerState, msg: Message) -> None:
         sha = str(msg.header.get("sha256", ""))
         store = self.registry.store
         if not store.has(sha):
-            self.send_worker(worker.wid, WCmd.FETCH_MODEL,
-                             {"sha256": sha, "status": int(Status.LOAD_FAILED),
-                              "error": "no such model in the store"})  # fmt: skip
+            self.send_worker(
+                worker.wid,
+                WCmd.FETCH_MODEL,
+                {
+                    "sha256": sha,
+                    "status": int(Status.LOAD_FAILED),
+                    "error": "no such model in the store",
+                },
+            )
             return
         self.send_worker(
             worker.wid, WCmd.FETCH_MODEL, {"sha256": sha, "status": 0}, [store.read(sha)]
@@ -492,8 +511,12 @@ class Broker:
         elif action.kind is ActionKind.PROFILE:
             self.on_profile_result(action, msg)
         elif not ok:
-            log.warning("worker %s failed to load %s: %s", worker.name, action.sha256[:12],
-                        msg.header.get("error"))  # fmt: skip
+            log.warning(
+                "worker %s failed to load %s: %s",
+                worker.name,
+                action.sha256[:12],
+                msg.header.get("error"),
+            )
 
     def on_infer_result(self, action: Action, msg: Message, now: float) -> None:
         by_rid = {r.rid: r for r in action.requests}
@@ -507,16 +530,20 @@ class Broker:
             if status != 0:
                 self.answer_error(request, MTError(str(error), status))
                 continue
-            self.answer(request, {
-                "outputs": outputs,
-                "timing": {
-                    "queue": int((request.dispatched - request.arrival) * 1e6),
-                    "exec": int(timing.get("exec", 0)),
-                    "worker": int(timing.get("total", 0)),
-                    "total": int((now - request.arrival) * 1e6),
+            self.answer(
+                request,
+                {
+                    "outputs": outputs,
+                    "timing": {
+                        "queue": int((request.dispatched - request.arrival) * 1e6),
+                        "exec": int(timing.get("exec", 0)),
+                        "worker": int(timing.get("total", 0)),
+                        "total": int((now - request.arrival) * 1e6),
+                    },
+                    "batch": len(action.requests),
                 },
-                "batch": len(action.requests),
-            }, own)  # fmt: skip
+                own,
+            )
         for request in by_rid.values():
             self.answer_error(request, InternalError("the worker's result omitted this request"))
 
@@ -550,8 +577,9 @@ class Broker:
         if request.rid not in self.pending:
             return
         if request.retries >= 1 or request.deadline <= now:
-            self.answer_error(request, WorkerLost(
-                f"worker {worker_name} was lost while running this request"))  # fmt: skip
+            self.answer_error(
+                request, WorkerLost(f"worker {worker_name} was lost while running this request")
+            )
             return
         request.retries += 1
         try:

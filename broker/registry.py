@@ -129,9 +129,16 @@ class Registry:
             if not self.store.has(sha):
                 continue  # blob lost outside our control: the model cannot be served
             self.models[(tenant, name)] = ModelRecord(
-                tenant, name, sha, size, _descs_from_json(ins), _descs_from_json(outs),
-                max_batch, {int(k): v for k, v in json.loads(profile).items()}, created,
-            )  # fmt: skip
+                tenant,
+                name,
+                sha,
+                size,
+                _descs_from_json(ins),
+                _descs_from_json(outs),
+                max_batch,
+                {int(k): v for k, v in json.loads(profile).items()},
+                created,
+            )
 
     def get(self, tenant: str, name: str) -> ModelRecord | None:
         return self.models.get((tenant, name))
@@ -145,11 +152,17 @@ class Registry:
         self.db.execute(
             "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                record.tenant, record.name, record.sha256, record.size,
-                _descs_json(record.inputs), _descs_json(record.outputs), record.max_batch,
-                json.dumps({str(k): v for k, v in record.profile.items()}), record.created,
+                record.tenant,
+                record.name,
+                record.sha256,
+                record.size,
+                _descs_json(record.inputs),
+                _descs_json(record.outputs),
+                record.max_batch,
+                json.dumps({str(k): v for k, v in record.profile.items()}),
+                record.created,
             ),
-        )  # fmt: skip
+        )
         old = self.models.get((record.tenant, record.name))
         self.models[(record.tenant, record.name)] = record
         return old
@@ -158,9 +171,13 @@ class Registry:
         record.profile = dict(profile)
         self.db.execute(
             "UPDATE models SET profile = ? WHERE tenant = ? AND name = ? AND sha256 = ?",
-            (json.dumps({str(k): v for k, v in profile.items()}), record.tenant, record.name,
-             record.sha256),
-        )  # fmt: skip
+            (
+                json.dumps({str(k): v for k, v in profile.items()}),
+                record.tenant,
+                record.name,
+                record.sha256,
+            ),
+        )
 
     def delete(self, tenant: str, name: str) -> ModelRecord | None:
         self.db.execute("DELETE FROM models WHERE tenant = ? AND name = ?", (tenant, name))

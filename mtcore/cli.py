@@ -20,8 +20,10 @@ MIB = 1024 * 1024
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         return args.run(args) or 0
     except MTError as exc:
@@ -61,11 +63,13 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     w.set_defaults(run=cmd_worker)
 
-    for name, fn, text in (("upload", cmd_upload, "upload an ONNX model"),
-                           ("infer", cmd_infer, "run a model once on random or .npy inputs"),
-                           ("status", cmd_status, "print the broker's status"),
-                           ("list", cmd_list, "list your models"),
-                           ("delete", cmd_delete, "delete a model")):  # fmt: skip
+    for name, fn, text in (
+        ("upload", cmd_upload, "upload an ONNX model"),
+        ("infer", cmd_infer, "run a model once on random or .npy inputs"),
+        ("status", cmd_status, "print the broker's status"),
+        ("list", cmd_list, "list your models"),
+        ("delete", cmd_delete, "delete a model"),
+    ):
         c = sub.add_parser(name, help=text)
         c.add_argument("--address", default=DEFAULT_ADDRESS)
         c.add_argument("--tenant", default=None)
@@ -86,8 +90,9 @@ def parser() -> argparse.ArgumentParser:
 def cmd_up(args: argparse.Namespace) -> int:
     from mtcore.cluster import LocalCluster
 
-    cluster = LocalCluster(args.state_dir, workers=args.workers, port=args.port,
-                           memory_mb=args.memory_mb)  # fmt: skip
+    cluster = LocalCluster(
+        args.state_dir, workers=args.workers, port=args.port, memory_mb=args.memory_mb
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with cluster:
         print(f"mtserve up: {args.workers} worker(s); tenants connect to {cluster.address}")
@@ -109,11 +114,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from mtcore.protocol import Limits
 
     config = BrokerConfig(
-        frontend=args.frontend, backend=args.backend, state_dir=Path(args.state_dir),
-        max_batch=args.max_batch, heartbeat_liveness=args.heartbeat_liveness,
+        frontend=args.frontend,
+        backend=args.backend,
+        state_dir=Path(args.state_dir),
+        max_batch=args.max_batch,
+        heartbeat_liveness=args.heartbeat_liveness,
         limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
-    )  # fmt: skip
+    )
     broker = Broker(config)
     broker.install_signal_handlers()
     endpoints = {
@@ -131,8 +139,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from mtcore.config import WorkerConfig
     from worker.worker import Worker
 
-    config = WorkerConfig(backend=args.backend, name=args.name, memory_budget=args.memory_mb * MIB,
-                          intra_op_threads=args.threads)  # fmt: skip
+    config = WorkerConfig(
+        backend=args.backend,
+        name=args.name,
+        memory_budget=args.memory_mb * MIB,
+        intra_op_threads=args.threads,
+    )
     worker = Worker(config)
     worker.install_signal_handlers()
     worker.run()
@@ -141,8 +153,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_upload(args: argparse.Namespace) -> int:
     with Client(args.address, tenant=args.tenant) as client:
-        info = client.upload_model(args.model, args.file, replace=args.replace,
-                                   max_batch=args.max_batch)  # fmt: skip
+        info = client.upload_model(
+            args.model, args.file, replace=args.replace, max_batch=args.max_batch
+        )
     print(json.dumps(info, indent=2))
     return 0
 
@@ -160,8 +173,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 inputs[name] = rng.standard_normal(dims).astype(dtype)
         result = client.infer(args.model, inputs, deadline_ms=args.deadline_ms)
     for name, array in result.outputs.items():
-        print(f"{name}: {array.dtype}{list(array.shape)} mean={array.mean():.6g} "
-              f"first={array.ravel()[:4].tolist()}")  # fmt: skip
+        print(
+            f"{name}: {array.dtype}{list(array.shape)} mean={array.mean():.6g} "
+            f"first={array.ravel()[:4].tolist()}"
+        )
     print("timing (us):", json.dumps(result.timing))
     return 0
 
@@ -175,8 +190,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     with Client(args.address, tenant=args.tenant) as client:
         for m in client.list_models():
-            print(f"{m['name']:24} {m['size']:>12} bytes  max_batch={m['max_batch']}  "
-                  f"{m['sha256'][:12]}  profile={m['profile']}")  # fmt: skip
+            print(
+                f"{m['name']:24} {m['size']:>12} bytes  max_batch={m['max_batch']}  "
+                f"{m['sha256'][:12]}  profile={m['profile']}"
+            )
     return 0
 
 

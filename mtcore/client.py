@@ -34,8 +34,9 @@ from mtcore.protocol import (
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 CHUNK_BYTES = 4 * 1024 * 1024  # upload chunk size: well under the broker's frame limit
-_REPLY_LIMITS = Limits(max_frame_bytes=1 << 40, max_message_bytes=1 << 40, max_header_bytes=1 << 26,
-                       max_frames=1 << 16)  # fmt: skip
+_REPLY_LIMITS = Limits(
+    max_frame_bytes=1 << 40, max_message_bytes=1 << 40, max_header_bytes=1 << 26, max_frames=1 << 16
+)
 
 
 @dataclass
@@ -111,9 +112,10 @@ def check(reply: Reply) -> Reply:
 def infer_result(reply: Reply) -> InferResult:
     descs = parse_descs(reply.header.get("outputs", []), _REPLY_LIMITS)
     return InferResult(
-        decode_tensors(descs, reply.payload), reply.header.get("timing", {}),
+        decode_tensors(descs, reply.payload),
+        reply.header.get("timing", {}),
         reply.header.get("batch", 1),
-    )  # fmt: skip
+    )
 
 
 class _Base:

@@ -67,19 +67,36 @@ class LocalCluster:
             raise
         return self
 
-    def start_broker(self, timeout: float = 60.0) -> None:
-        frontend = f"tcp://127.0.0.1:{self.port or '*'}"
-        backend = f"tcp://127.0.0.1:{self.port + 1 if self.port else '*'}"
-        args = ["broker", "--state-dir", str(self.state_dir), "--frontend", frontend,
-                "--backend", backend, *self.broker_args]  # fmt: skip
+    def start_broker(self, timeout: float = 60.0, frontend: str = "", backend: str = "") -> None:
+        frontend = frontend or f"tcp://127.0.0.1:{self.port or '*'}"
+        backend = backend or f"tcp://127.0.0.1:{self.port + 1 if self.port else '*'}"
+        args = [
+            "broker",
+            "--state-dir",
+            str(self.state_dir),
+            "--frontend",
+            frontend,
+            "--backend",
+            backend,
+            *self.broker_args,
+        ]
         self.broker = self._spawn(args, "broker")
         endpoints = self._wait_endpoints(timeout)
         self.address, self.backend = endpoints["frontend"], endpoints["backend"]
 
     def start_worker(self, name: str) -> subprocess.Popen:
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.n_workers))
-        args = ["worker", "--backend", self.backend, "--name", name,
-                "--memory-mb", str(self.memory_mb), "--threads", str(threads)]  # fmt: skip
+        args = [
+            "worker",
+            "--backend",
+            self.backend,
+            "--name",
+            name,
+            "--memory-mb",
+            str(self.memory_mb),
+            "--threads",
+            str(threads),
+        ]
         proc = self._spawn(args, name)
         self.workers.append(proc)
         return proc
@@ -96,17 +113,12 @@ class LocalCluster:
         self.broker = None
 
     def restart_broker(self, timeout: float = 60.0) -> None:
-        """Stop the broker alone and start a new one on the same ports and state."""
+        """Stop the broker alone and start a new one on the same endpoints and state."""
         if self.broker is not None:
             self.broker.send_signal(signal.SIGTERM)
             _reap(self.broker, 10.0)
-        port = int(self.address.rsplit(":", 1)[1])
-        saved, self.port = self.port, port
         (self.state_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
-        try:
-            self.start_broker(timeout)
-        finally:
-            self.port = saved
+        self.start_broker(timeout, self.address, self.backend)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -160,8 +172,10 @@ class LocalCluster:
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "mtcore.cli", *args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             log.close()
 

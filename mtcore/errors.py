@@ -156,13 +156,30 @@ class ShuttingDown(MTError):
 _BY_STATUS: dict[Status, type[MTError]] = {
     cls.status: cls
     for cls in (
-        ProtocolError, UnsupportedVersion, UnknownCommand, TooLarge, BadArgument,
-        Unauthenticated, Forbidden, QuotaExceeded, RateLimited, ModelNotFound,
-        ModelInvalid, ModelExists, UploadCorrupt, InputInvalid, DeadlineUnmeetable,
-        DeadlineExpired, Overloaded, WorkerLost, ExecFailed, LoadFailed,
-        InternalError, ShuttingDown,
+        ProtocolError,
+        UnsupportedVersion,
+        UnknownCommand,
+        TooLarge,
+        BadArgument,
+        Unauthenticated,
+        Forbidden,
+        QuotaExceeded,
+        RateLimited,
+        ModelNotFound,
+        ModelInvalid,
+        ModelExists,
+        UploadCorrupt,
+        InputInvalid,
+        DeadlineUnmeetable,
+        DeadlineExpired,
+        Overloaded,
+        WorkerLost,
+        ExecFailed,
+        LoadFailed,
+        InternalError,
+        ShuttingDown,
     )
-}  # fmt: skip
+}
 
 
 def error_for(status: int, message: str) -> MTError:

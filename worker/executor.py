@@ -140,8 +140,10 @@ class Executor(threading.Thread):
         waited = time.monotonic() - job.received
         latest = job.header.get("latest")
         if latest is not None and waited > latest:
-            error = MTError(f"the worker could not start it in time (waited {waited * 1e3:.1f} ms)",
-                            Status.DEADLINE_EXPIRED)  # fmt: skip
+            error = MTError(
+                f"the worker could not start it in time (waited {waited * 1e3:.1f} ms)",
+                Status.DEADLINE_EXPIRED,
+            )
             return self._failed(job, error)
         model = self.live.get(job.header["sha256"])
         if model is None:
@@ -163,8 +165,11 @@ class Executor(threading.Thread):
                 descs.append(desc)
                 frames.append(buf)
             results.append([rid, 0, None, descs])
-        timing = {"exec": int(exec_us), "total": int((time.perf_counter() - start) * 1e6),
-                  "wait": int(waited * 1e6)}  # fmt: skip
+        timing = {
+            "exec": int(exec_us),
+            "total": int((time.perf_counter() - start) * 1e6),
+            "wait": int(waited * 1e6),
+        }
         header = {"status": 0, "timing": timing, "results": results}
         return self._result(job, header, frames)
 
@@ -188,8 +193,11 @@ class Executor(threading.Thread):
         except Exception as exc:
             error = f"the model loads but fails to run on random inputs: {str(exc)[:400]}"
             return self._failed(job, MTError(error, Status.MODEL_INVALID))
-        header = {"status": 0, "profile": {str(b): us for b, us in measured.items()},
-                  "load_us": model.load_us}  # fmt: skip
+        header = {
+            "status": 0,
+            "profile": {str(b): us for b, us in measured.items()},
+            "load_us": model.load_us,
+        }
         return self._result(job, header)
 
     # -- results ------------------------------------------------------------------
@@ -200,8 +208,11 @@ class Executor(threading.Thread):
         return build(WORKER_TAG, job.cmd, header, frames)
 
     def _failed(self, job: Job, error: MTError, evicted: list[str] = ()) -> list[Any]:
-        header: dict[str, Any] = {"status": int(error.status), "error": error.message,
-                                  "evicted": list(evicted)}  # fmt: skip
+        header: dict[str, Any] = {
+            "status": int(error.status),
+            "error": error.message,
+            "evicted": list(evicted),
+        }
         if job.cmd is WCmd.INFER:
             header["results"] = [
                 [rid, int(error.status), error.message, []] for rid, _ in job.header["requests"]

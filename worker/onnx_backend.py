@@ -68,9 +68,14 @@ def load_model(sha256: str, data: bytes, intra_op_threads: int = 0) -> LiveModel
     inputs = session.get_inputs()
     batchable = all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
     return LiveModel(
-        sha256, session, len(data), [i.name for i in inputs],
-        [o.name for o in session.get_outputs()], batchable, (time.perf_counter() - start) * 1e6,
-    )  # fmt: skip
+        sha256,
+        session,
+        len(data),
+        [i.name for i in inputs],
+        [o.name for o in session.get_outputs()],
+        batchable,
+        (time.perf_counter() - start) * 1e6,
+    )
 
 
 @dataclass

@@ -35,8 +35,9 @@ from worker.executor import STOP, UNLOAD_ALL, Executor, Job
 log = logging.getLogger("mtserve.worker")
 
 NEEDS_BYTES = (WCmd.LOAD_MODEL, WCmd.PROFILE_MODEL)
-_LIMITS = Limits(max_frame_bytes=1 << 40, max_message_bytes=1 << 40, max_header_bytes=1 << 24,
-                 max_frames=1 << 20)  # fmt: skip  # the broker is trusted; bound only absurd input
+_LIMITS = Limits(
+    max_frame_bytes=1 << 40, max_message_bytes=1 << 40, max_header_bytes=1 << 24, max_frames=1 << 20
+)  # the broker is trusted: bound only absurd input
 
 
 class HostTier:
@@ -134,10 +135,16 @@ class Worker:
 
     def register(self) -> None:
         self.last_heard = time.monotonic()
-        self.send(WCmd.READY, {
-            "name": self.name, "kind": self.config.kind, "pid": os.getpid(),
-            "memory_budget": self.config.memory_budget, "version": VERSION,
-        })  # fmt: skip
+        self.send(
+            WCmd.READY,
+            {
+                "name": self.name,
+                "kind": self.config.kind,
+                "pid": os.getpid(),
+                "memory_budget": self.config.memory_budget,
+                "version": VERSION,
+            },
+        )
 
     def send(self, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()) -> None:
         self.broker.send_multipart(build(WORKER_TAG, cmd, header, payload), copy=False)

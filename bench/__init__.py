@@ -1,0 +1,1 @@
+"""Load generator, workloads, model zoo and baselines."""

@@ -1,0 +1,152 @@
+"""The whole request path with real processes on loopback: upload, infer, answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from bench import zoo
+from mtcore.client import AsyncClient, Client
+from mtcore.errors import ModelNotFound, Status, WorkerLost
+from tests.conftest import start_cluster
+
+
+def reference(name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(zoo.model_bytes(name), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+@pytest.mark.parametrize(
+    "name", [*zoo.MODELS[:-1], pytest.param("resnet50", marks=pytest.mark.slow)]
+)
+def test_outputs_equal_in_process_onnxruntime(client: Client, name: str) -> None:
+    info = client.upload_model(f"zoo-{name}", zoo.model_bytes(name))
+    assert info["state"] == "ready" and info["profile"], info
+    for batch in (1, 2):
+        inputs = zoo.sample_inputs(name, batch, seed=batch)
+        result = client.infer(f"zoo-{name}", inputs)
+        expected = reference(name, inputs)
+        assert [d[0] for d in info["outputs"]] == list(result.outputs)
+        for got, want in zip(result.outputs.values(), expected, strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert {"queue", "exec", "total"} <= set(result.timing)
+
+
+def test_three_tenants_upload_and_infer_concurrently(cluster) -> None:
+    errors: list[BaseException] = []
+    seen: dict[str, np.ndarray] = {}
+
+    def tenant(idx: int) -> None:
+        try:
+            with Client(cluster.address, tenant=f"tenant{idx}") as c:
+                c.upload_model("shared-name", zoo.model_bytes("mlp", seed=idx))
+                x = zoo.sample_inputs("mlp", 3, seed=7)
+                for _ in range(20):
+                    out = c.infer("shared-name", x)["logits"]
+                    np.testing.assert_allclose(out, reference_seeded(idx, x), rtol=1e-5, atol=1e-6)
+                seen[f"tenant{idx}"] = out
+                assert [m["name"] for m in c.list_models()] == ["shared-name"]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=tenant, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    # Same name, three tenants, three different models: isolation by tenant.
+    assert not np.allclose(seen["tenant0"], seen["tenant1"])
+
+
+def reference_seeded(seed: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(
+        zoo.model_bytes("mlp", seed=seed), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, inputs)[0]
+
+
+def test_thousand_concurrent_async_requests_all_answered(cluster, client: Client) -> None:
+    client.upload_model("tiny-async", zoo.model_bytes("tiny_add"))
+    rows = np.arange(4000, dtype=np.float32).reshape(1000, 1, 4)
+
+    async def main() -> list:
+        async with AsyncClient(cluster.address, tenant=client.tenant) as ac:
+            tasks = [ac.infer("tiny-async", {"input": rows[i]}) for i in range(1000)]
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert len(results) == 1000
+    offset = reference("tiny_add", {"input": np.zeros((1, 4), np.float32)})[0]
+    for i, result in enumerate(results):  # each answer is its own request's, not a neighbour's
+        np.testing.assert_allclose(result["output"], rows[i] + offset, rtol=1e-6)
+    assert max(r.batch for r in results) > 1  # concurrent requests were batched
+
+
+def test_unknown_model_and_delete(client: Client) -> None:
+    with pytest.raises(ModelNotFound) as exc:
+        client.infer("never-uploaded", {"input": np.zeros((1, 4), np.float32)})
+    assert exc.value.status == Status.MODEL_NOT_FOUND
+    client.upload_model("to-delete", zoo.model_bytes("tiny_add"))
+    assert "to-delete" in [m["name"] for m in client.list_models()]
+    client.delete_model("to-delete")
+    assert "to-delete" not in [m["name"] for m in client.list_models()]
+    with pytest.raises(ModelNotFound):
+        client.model_info("to-delete")
+
+
+def test_status_reports_workers_and_models(client: Client) -> None:
+    client.upload_model("status-model", zoo.model_bytes("tiny_add"))
+    client.infer("status-model", zoo.sample_inputs("tiny_add"))
+    status = client.status()
+    assert len(status["workers"]) == 2
+    assert status["tenant_models"] >= 1
+    assert any(status["answers_by_status"].values())
+
+
+def test_broker_restart_keeps_models(tmp_path) -> None:
+    cluster = start_cluster(tmp_path, workers=1)
+    try:
+        x = zoo.sample_inputs("mlp", 2)
+        with Client(cluster.address, tenant="keeper") as c:
+            info = c.upload_model("persisted", zoo.model_bytes("mlp"))
+            before = c.infer("persisted", x)["logits"].copy()
+        cluster.restart_broker()
+        cluster.wait_for_workers(1, timeout=30)
+        with Client(cluster.address, tenant="keeper") as c:
+            assert c.model_info("persisted")["sha256"] == info["sha256"]
+            assert c.model_info("persisted")["profile"] == info["profile"]
+            np.testing.assert_array_equal(c.infer("persisted", x)["logits"], before)
+    finally:
+        cluster.stop()
+
+
+def test_lost_worker_requests_answered(tmp_path) -> None:
+    """Kill a worker mid-load: every request is answered, by a retry or WORKER_LOST."""
+    cluster = start_cluster(
+        tmp_path, workers=2, broker_args=["--heartbeat-liveness", "1.5", "--profile-batches", "1"]
+    )
+    try:
+        with Client(cluster.address, tenant="loss") as c:
+            c.upload_model("r18", zoo.model_bytes("resnet18"), max_batch=1)
+        x = zoo.sample_inputs("resnet18", 1)
+
+        async def main() -> list:
+            async with AsyncClient(cluster.address, tenant="loss", timeout=60) as ac:
+                tasks = [asyncio.ensure_future(ac.infer("r18", x)) for _ in range(12)]
+                await asyncio.sleep(0.3)
+                cluster.workers[0].kill()
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(main())
+        assert len(results) == 12
+        for r in results:
+            assert not isinstance(r, BaseException) or isinstance(r, WorkerLost), r
+        assert any(not isinstance(r, BaseException) for r in results)
+    finally:
+        cluster.stop()
