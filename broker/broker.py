@@ -39,7 +39,6 @@ from mtcore.errors import (
     MTError,
     ShuttingDown,
     Status,
-    TooLarge,
     WorkerLost,
 )
 from mtcore.protocol import (
@@ -65,6 +64,7 @@ log = logging.getLogger("mtserve.broker")
 
 TICK = 0.05  # seconds between housekeeping passes
 RECV_BATCH = 256  # messages read from one socket per loop turn
+PROFILE_TIMEOUT = 120.0  # seconds a worker may take to profile an upload
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -180,6 +180,9 @@ class Broker:
         for _, request in self.pending.pop_expired(now):
             self._reply_error(request.envelope, Cmd.INFER, request.client_id, abandoned)
         self.uploads.expire(now, self.config.upload_timeout)
+        for commit in [c for c in self.commits if c.profile_action and c.profile_deadline < now]:
+            log.warning("profiling %s timed out; publishing it unprofiled", commit.upload.name)
+            self._publish(commit)
         self.collect_garbage()
 
     def shutdown(self) -> None:
@@ -390,10 +393,10 @@ class Broker:
             self._publish(commit)
             return
         batches = [b for b in self.config.profile_batches if b <= max_batch] or [1]
-        action = Action(ActionKind.PROFILE, worker, upload.sha256, context=commit)
-        action.context = (commit, batches)
+        action = Action(ActionKind.PROFILE, worker, upload.sha256, context=(commit, batches))
         worker.inflight[action.id] = action
         commit.profile_action = action.id
+        commit.profile_deadline = time.monotonic() + PROFILE_TIMEOUT
         self.send_action(action, time.monotonic())
 
     def _publish(self, commit: PendingCommit, profile: dict[int, float] | None = None) -> None:
@@ -627,8 +630,3 @@ class Broker:
         self, wid: bytes, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()
     ) -> None:
         self.backend.send_multipart([wid, *build(WORKER_TAG, cmd, header, payload)], copy=False)
-
-
-def check_upload_fits(size: int, limit: int) -> None:
-    if size > limit:
-        raise TooLarge(f"{size} bytes exceeds the limit of {limit}")

@@ -10,7 +10,7 @@ answered. A model ONNX Runtime cannot load fails at profiling and leaves nothing
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class PendingCommit:
     future: Future[ModelSignature]
     record: ModelRecord | None = None  # set once validated
     profile_action: int = 0  # id of the PROFILE action, 0 before it is sent
-    extra: dict[str, Any] = field(default_factory=dict)
+    profile_deadline: float = 0.0  # monotonic: publish unprofiled if no result by then
 
 
 def _check_file(path: Path) -> ModelSignature:
