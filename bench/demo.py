@@ -135,7 +135,7 @@ def main() -> int:
         with Client(cluster.address, tenant="demo") as client:
             for w in client.status()["workers"]:
                 print(
-                    f"  {w['name']}: {len(w['loaded'])} models live, "
+                    f"  {w['name']}: {w['models_live']} models live, "
                     f"{w['memory_used'] / 1e6:.1f} of {w['memory_budget'] / 1e6:.0f} MB"
                 )
     print("cluster stopped")

@@ -40,6 +40,7 @@ from mtcore.errors import (
     ShuttingDown,
     Status,
     WorkerLost,
+    error_for,
 )
 from mtcore.protocol import (
     TAG,
@@ -284,8 +285,8 @@ class Broker:
 
     def on_upload_commit(self, envelope: list[Any], msg: Message, tenant: str) -> None:
         upload = self.uploads.get(tenant, field(msg.header, "upload", str))
-        path = self.uploads.finish(upload)
-        future = self.validator.submit(path)
+        path = self.uploads.finish(upload)  # checks coverage; the hash runs off the loop
+        future = self.validator.submit(path, upload.sha256)
         self.commits.append(PendingCommit(envelope, msg.header["id"], upload, path, future))
 
     def on_infer(self, envelope: list[Any], msg: Message, tenant: str) -> None:
@@ -308,7 +309,8 @@ class Broker:
             next(self._rids), envelope, h["id"], model, descs, frames, batch, now, deadline
         )
         self.scheduler.add_request(request, now)
-        self.pending.insert(request.rid, deadline + self.config.answer_grace, request)
+        give_up = min(deadline + self.config.answer_grace, now + self.config.max_request_time)
+        self.pending.insert(request.rid, give_up, request)
 
     def on_list(self, envelope: list[Any], msg: Message, tenant: str) -> None:
         models = [m.to_info() for m in self.registry.list(tenant)]
@@ -373,6 +375,9 @@ class Broker:
                 self._validated(commit)
             except MTError as exc:
                 self._fail_commit(commit, exc)
+            except Exception as exc:  # e.g. OSError from the store: fail this commit only
+                log.exception("commit of %s failed", commit.upload.name)
+                self._fail_commit(commit, InternalError(f"storing the model failed: {exc}"))
 
     def _validated(self, commit: PendingCommit) -> None:
         signature = commit.future.result()  # raises ModelInvalid from the check
@@ -531,7 +536,7 @@ class Broker:
             if request is None:
                 continue
             if status != 0:
-                self.answer_error(request, MTError(str(error), status))
+                self.answer_error(request, error_for(status, str(error)))
                 continue
             self.answer(
                 request,
@@ -555,7 +560,8 @@ class Broker:
         if commit not in self.commits:
             return
         if msg.header.get("status", 0) != 0:
-            self._fail_commit(commit, MTError(str(msg.header.get("error")), msg.header["status"]))
+            error = error_for(msg.header["status"], str(msg.header.get("error")))
+            self._fail_commit(commit, error)
             return
         profile = {int(k): float(v) for k, v in msg.header.get("profile", {}).items()}
         self._publish(commit, profile)
@@ -570,7 +576,7 @@ class Broker:
         self.workers.pop(worker.wid, None)
         for action in worker.inflight.values():
             if action.kind is ActionKind.PROFILE and action.context[0] in self.commits:
-                self._publish(action.context[0])  # the profile waits for another worker
+                self._publish(action.context[0])  # published unprofiled (see ARCHITECTURE)
         now = time.monotonic()
         for request in self.scheduler.on_worker_lost(worker):
             self.retry_or_fail(request, now, worker.name)

@@ -1,6 +1,6 @@
 """Upload commits: validate off the event loop, profile on a worker, then publish.
 
-Validating a model (parsing, `onnx.checker`) takes from milliseconds to seconds, so it
+Validating a model (hashing, parsing, `onnx.checker`) takes from milliseconds to seconds, so it
 runs in a thread pool while the broker keeps serving; the broker polls `done()` every
 loop turn. A validated model is moved into the store (so a worker can fetch it), then
 profiled by one worker; only then is it recorded in the registry and the tenant
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.registry import ModelRecord
-from broker.uploads import Upload
+from broker.uploads import Upload, verify_sha256
 from mtcore.errors import ModelInvalid
 from mtcore.modelcheck import ModelSignature, check_model
 
@@ -34,8 +34,8 @@ class PendingCommit:
     profile_deadline: float = 0.0  # monotonic: publish unprofiled if no result by then
 
 
-def _check_file(path: Path) -> ModelSignature:
-    return check_model(path.read_bytes())
+def _check_file(path: Path, sha256: str) -> ModelSignature:
+    return check_model(verify_sha256(path, sha256))
 
 
 class CommitValidator:
@@ -44,8 +44,9 @@ class CommitValidator:
     def __init__(self, threads: int = 2) -> None:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mtserve-validate")
 
-    def submit(self, path: Path) -> Future[ModelSignature]:
-        return self.pool.submit(_check_file, path)
+    def submit(self, path: Path, sha256: str) -> Future[ModelSignature]:
+        """Check the hash, then the model, in a pool thread."""
+        return self.pool.submit(_check_file, path, sha256)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -54,6 +54,16 @@ class ModelRecord:
     def batchable(self) -> bool:
         return self.max_batch > 1
 
+    def predicted_us(self, rows: int) -> float | None:
+        """Profiled execution time of the smallest profiled batch holding `rows`, if known."""
+        fits = [b for b in self.profile if b >= rows]
+        if fits:
+            return self.profile[min(fits)]
+        if self.profile:  # beyond the largest profiled batch: scale linearly
+            largest = max(self.profile)
+            return self.profile[largest] * rows / largest
+        return None
+
     def to_info(self) -> dict[str, Any]:
         """The protocol's model info map."""
         return {

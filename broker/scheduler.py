@@ -76,12 +76,12 @@ class FifoLruScheduler(Scheduler):
     def add_request(self, request: PendingRequest, now: float) -> None:
         if self._queued >= self.max_queue:
             raise Overloaded(f"{self._queued} requests queued; retry later")
-        exec_us = request.model.profile.get(1)
+        exec_us = request.model.predicted_us(request.batch)
         if exec_us and now + exec_us / 1e6 > request.deadline:
             budget_ms = (request.deadline - now) * 1e3
             raise DeadlineUnmeetable(
-                f"model '{request.model.name}' takes about {exec_us / 1e3:.1f} ms per request; "
-                f"the deadline leaves {budget_ms:.1f} ms"
+                f"model '{request.model.name}' takes about {exec_us / 1e3:.1f} ms for "
+                f"{request.batch} row(s); the deadline leaves {budget_ms:.1f} ms"
             )
         self.queues.setdefault(request.model.sha256, deque()).append(request)
         self._queued += 1

@@ -91,6 +91,6 @@ class WorkerState:
             "kind": self.kind,
             "memory_budget": self.memory_budget,
             "memory_used": self.memory_used(),
-            "loaded": list(self.loaded),
+            "models_live": len(self.loaded),  # counts only: tenants must not see others' models
             "inflight_actions": len(self.inflight),
         }

@@ -117,7 +117,10 @@ class Uploads:
         return upload.received()
 
     def finish(self, upload: Upload) -> Path:
-        """Close the temp file and verify it; the caller owns the file afterwards."""
+        """Close the temp file and check every byte arrived; the caller owns it afterwards.
+
+        The sha256 is checked by `verify_sha256`, off the broker's loop (it reads the file).
+        """
         self.active.pop(upload.handle, None)
         upload.file.close()
         got = upload.received()
@@ -126,13 +129,6 @@ class Uploads:
             raise UploadCorrupt(
                 f"upload incomplete: {got} of {upload.size} bytes received "
                 f"(ranges {upload.ranges[:4]}); upload discarded, start again"
-            )
-        digest = _sha256_file(upload.path)
-        if digest != upload.sha256:
-            upload.path.unlink(missing_ok=True)
-            raise UploadCorrupt(
-                f"sha256 mismatch: declared {upload.sha256}, received bytes hash to {digest}; "
-                "upload discarded"
             )
         return upload.path
 
@@ -152,9 +148,14 @@ class Uploads:
             self.discard(upload)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def verify_sha256(path: Path, expected: str) -> bytes:
+    """The file's bytes, if they hash to `expected`; else remove it and raise."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        path.unlink(missing_ok=True)
+        raise UploadCorrupt(
+            f"sha256 mismatch: declared {expected}, received bytes hash to {digest}; "
+            "upload discarded"
+        )
+    return data

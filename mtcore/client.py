@@ -97,7 +97,7 @@ def infer_message(
 
 def decode_reply(frames: list[Any]) -> Reply:
     """Parse a reply; raise the typed error if its status is not OK."""
-    _, body = split_envelope(frames)
+    _, body = split_envelope(frames, hops=0)
     msg = parse_body(body, TAG, Cmd, _REPLY_LIMITS)
     return Reply(msg.cmd, msg.header, msg.payload)
 

@@ -22,7 +22,6 @@ class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"  # tenants connect here (ROUTER)
     backend: str = "tcp://127.0.0.1:5556"  # workers connect here (ROUTER)
     state_dir: Path = Path("state")  # registry.sqlite, models/, uploads/
-    insecure: bool = True  # tenant named by the header field `tenant` (no CURVE yet)
     limits: Limits = field(default_factory=Limits)
     max_model_bytes: int = 2 * GIB  # largest model an upload may declare
     upload_timeout: float = 300.0  # an uncommitted upload is discarded after this idle time
@@ -31,6 +30,7 @@ class BrokerConfig:
     heartbeat_interval: float = 1.0  # broker -> worker heartbeat when idle
     heartbeat_liveness: float = 5.0  # a worker silent this long is lost
     answer_grace: float = 30.0  # an answer this late past its deadline is given up as INTERNAL
+    max_request_time: float = 600.0  # the same for a request without a deadline
     scheduler: str = "fifo"  # scheduler implementation (see broker.scheduler.make_scheduler)
     profile_batches: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes measured at upload
 

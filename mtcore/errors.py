@@ -55,7 +55,11 @@ class MTError(Exception):
     def __init__(self, message: str, status: Status | int | None = None) -> None:
         super().__init__(message)
         if status is not None:
-            self.status = Status(status)
+            try:
+                self.status = Status(status)
+            except ValueError:  # a peer sent a code we do not know: still an error
+                self.status = Status.INTERNAL
+                self.args = (f"{message} (unknown status {status})",)
 
     @property
     def message(self) -> str:

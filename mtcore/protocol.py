@@ -162,12 +162,15 @@ def _frame_buffer(frame: Any) -> memoryview:
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
 
 
-def split_envelope(frames: list[Any]) -> tuple[list[Any], list[Any]]:
-    """Split ROUTER frames into (routing envelope, body after the empty delimiter)."""
-    for i, frame in enumerate(frames):
-        if len(_frame_buffer(frame)) == 0:
-            return frames[:i], frames[i + 1 :]
-    raise ProtocolError("no empty delimiter frame: a DEALER must send one before the tag")
+def split_envelope(frames: list[Any], hops: int = 1) -> tuple[list[Any], list[Any]]:
+    """Split received frames into (routing envelope, body after the empty delimiter).
+
+    `hops` is the number of routing frames in front: 1 on a ROUTER whose peers connect
+    directly (the broker), 0 on a DEALER (the client, the worker).
+    """
+    if len(frames) <= hops or len(_frame_buffer(frames[hops])) != 0:
+        raise ProtocolError("no empty delimiter frame: a DEALER must send one before the tag")
+    return frames[:hops], frames[hops + 1 :]
 
 
 def parse_body(
@@ -324,7 +327,7 @@ def dtype_name(dtype: np.dtype) -> str:
 def encode_tensor(name: str, array: np.ndarray) -> tuple[list[Any], Any]:
     """(wire description, frame buffer) of an array; copies only if not C-contiguous LE."""
     wire = DTYPES[dtype_name(array.dtype)]
-    arr = np.ascontiguousarray(array, dtype=wire)
+    arr = np.asarray(array, dtype=wire, order="C")  # keeps 0-d scalars 0-d
     buf = memoryview(arr).cast("B") if arr.ndim and arr.size else arr.tobytes()
     return [name, dtype_name(wire), list(arr.shape)], buf
 

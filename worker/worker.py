@@ -159,7 +159,7 @@ class Worker:
     def on_broker_message(self, frames: list[Any]) -> None:
         self.last_heard = time.monotonic()
         try:
-            _, body = split_envelope(frames)
+            _, body = split_envelope(frames, hops=0)
             msg = parse_body(body, WORKER_TAG, WCmd, _LIMITS)
         except MTError as exc:
             log.warning("%s: dropped a malformed broker message: %s", self.name, exc)
