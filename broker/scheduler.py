@@ -138,23 +138,43 @@ class FifoLruScheduler(Scheduler):
 
     def schedule(self, now: float) -> list[Action]:
         actions: list[Action] = []
-        while True:
-            sha = self._oldest_queue()
+        waiting: set[str] = set()  # models that no worker can take this turn
+        while self._has_free_worker():
+            sha = self._oldest_queue(skip=waiting)
             if sha is None:
                 break
-            worker = self._pick_worker(sha)
+            model = self.queues[sha][0].model
+            if self.workers and not any(
+                w.memory_budget >= model.size for w in self.workers.values()
+            ):
+                self._fail_queue(sha, LoadFailed(
+                    f"model '{model.name}' ({model.size} bytes) is larger than every worker's "
+                    f"memory budget (largest {max(w.memory_budget for w in self.workers.values())})"
+                ))  # fmt: skip
+                continue
+            worker = self._pick_worker(sha, model.size)
             if worker is None:
-                break
+                waiting.add(sha)
+                continue
             batch = self._take_batch(self.queues[sha], now)
             if batch:
                 actions.extend(self._place(worker, sha, batch))
             self._drop_empty_queues()
         return actions
 
-    def _oldest_queue(self) -> str | None:
+    def _has_free_worker(self) -> bool:
+        return any(w.busy_infers() < PIPELINE_DEPTH for w in self.workers.values())
+
+    def _fail_queue(self, sha: str, error: Exception) -> None:
+        for request in self.drop_model(sha):
+            self.failed.append((request, error))
+
+    def _oldest_queue(self, skip: set[str]) -> str | None:
         """Model whose head request arrived first, among those with live requests."""
         best, best_arrival = None, math.inf
         for sha, queue in self.queues.items():
+            if sha in skip:
+                continue
             while queue and not self.alive(queue[0].rid):
                 queue.popleft()
                 self._queued -= 1
@@ -162,15 +182,14 @@ class FifoLruScheduler(Scheduler):
                 best, best_arrival = sha, queue[0].arrival
         return best
 
-    def _pick_worker(self, sha: str) -> WorkerState | None:
-        """A worker with a free slot: one holding the model first, else the emptiest."""
+    def _pick_worker(self, sha: str, size: int) -> WorkerState | None:
+        """A worker with a free slot: one holding the model, else the emptiest it fits on now."""
         free = [w for w in self.workers.values() if w.busy_infers() < PIPELINE_DEPTH]
-        if not free:
-            return None
         holding = [w for w in free if sha in w.loaded]
         if holding:
             return min(holding, key=lambda w: w.busy_infers())
-        return min(free, key=lambda w: (w.busy_infers(), w.memory_used()))
+        fits = [w for w in free if self._evictions(w, size) is not None]
+        return min(fits, key=lambda w: (w.busy_infers(), w.memory_used()), default=None)
 
     def _take_batch(self, queue: deque[PendingRequest], now: float) -> list[PendingRequest]:
         """Head request plus followers that stack with it, up to the model's batch cap."""
@@ -199,15 +218,7 @@ class FifoLruScheduler(Scheduler):
         actions: list[Action] = []
         model = batch[0].model
         if sha not in worker.loaded:
-            victims = self._evictions(worker, model.size)
-            if victims is None:
-                error = LoadFailed(
-                    f"model '{model.name}' ({model.size} bytes) does not fit any worker's "
-                    f"memory budget ({worker.memory_budget} bytes) next to the models in use"
-                )
-                self.failed.extend((r, error) for r in batch)
-                return []
-            for victim in victims:
+            for victim in self._evictions(worker, model.size) or ():
                 worker.loaded.pop(victim)
                 actions.append(Action(ActionKind.UNLOAD, worker, victim))
             worker.loaded[sha] = model.size

@@ -8,6 +8,7 @@ the wire. Server side only: imports `onnx`, which the client does not need.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mtcore.errors import ModelInvalid
@@ -69,20 +70,59 @@ def check_model(data: bytes) -> ModelSignature:
     return read_signature(model)
 
 
+def _graphs(model) -> Iterator:
+    """The main graph, every subgraph nested in node attributes, and local functions."""
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+    yield from model.functions  # FunctionProto has .node like a graph (no subgraph weights)
+
+
+def _tensors(model) -> Iterator:
+    """Every tensor stored in the model: initializers, sparse ones, node attributes."""
+    for graph in _graphs(model):
+        yield from getattr(graph, "initializer", ())
+        for sparse in getattr(graph, "sparse_initializer", ()):
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield attr.sparse_tensor.values
+                    yield attr.sparse_tensor.indices
+                for sparse in attr.sparse_tensors:
+                    yield sparse.values
+                    yield sparse.indices
+
+
 def _check_external_data(model) -> None:
+    """No tensor anywhere may point at a file: it would be read from the server's disk."""
     import onnx
 
-    for tensor in model.graph.initializer:
+    for tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
             raise ModelInvalid(
-                f"initializer '{tensor.name}' uses external data; re-export the model with all "
+                f"tensor '{tensor.name}' uses external data; re-export the model with all "
                 "weights inline (onnx.save(..., save_as_external_data=False))"
             )
 
 
 def _check_domains(model) -> None:
-    for node in model.graph.node:
-        if node.domain not in ALLOWED_DOMAINS:
+    """Standard operators only, in subgraphs and functions too (no contrib or custom ops)."""
+    local = {(f.domain, f.name) for f in model.functions}
+    for graph in _graphs(model):
+        for node in graph.node:
+            if node.domain in ALLOWED_DOMAINS or (node.domain, node.op_type) in local:
+                continue
             raise ModelInvalid(
                 f"node '{node.name or node.op_type}' uses operator domain '{node.domain}'; "
                 f"only the standard domains are allowed ({', '.join(sorted(ALLOWED_DOMAINS))})"
@@ -113,4 +153,11 @@ def _desc(value) -> TensorDesc:
     if not ttype.HasField("shape"):
         raise ModelInvalid(f"'{value.name}' has no declared shape; export with static rank")
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim)
+    if any(d < 0 and d != -1 for d in shape) or any(
+        d.HasField("dim_value") and d.dim_value < 0 for d in ttype.shape.dim
+    ):
+        raise ModelInvalid(
+            f"'{value.name}' declares shape {list(shape)}; a dimension must be a size or "
+            "symbolic (dim_param), never negative"
+        )
     return TensorDesc(value.name, dtype, shape)

@@ -143,12 +143,19 @@ def decode_header(data: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
             max_array_len=limits.max_header_bytes,
             max_map_len=limits.max_header_bytes,
             max_ext_len=0,
+            ext_hook=_no_ext,
         )
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    if not all(type(key) is str for key in header):
+        raise ProtocolError("header keys must be msgpack strings (str), not binary")
     return header
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise ProtocolError(f"msgpack ext type {code} is not allowed in headers")
 
 
 # ---------------------------------------------------------------- frames
@@ -279,7 +286,7 @@ def parse_desc(obj: Any, limits: Limits = DEFAULT_LIMITS, *, signature: bool = F
     name, dtype, shape = obj
     if not isinstance(name, str) or not name:
         raise BadArgument("a tensor name must be a non-empty string")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InputInvalid(
             f"tensor '{name}': dtype {dtype!r:.40} is not one of {', '.join(DTYPES)}"
         )
