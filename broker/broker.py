@@ -352,6 +352,8 @@ class Broker:
             "in_flight": len(self.pending),
             "uploads_in_progress": len(self.uploads.active),
             "messages": self.counters["messages"],
+            "loads": self.counters["loads"],  # LOAD actions sent to workers
+            "evictions": self.counters["evictions"],  # UNLOAD actions sent to workers
             "answers_by_status": answered,
         }
 
@@ -631,6 +633,10 @@ class Broker:
         }[action.kind]
         self.send_worker(action.worker.wid, cmd, header, payload)
         action.worker.last_sent = now
+        if action.kind is ActionKind.LOAD:
+            self.counters["loads"] += 1
+        elif action.kind is ActionKind.UNLOAD:
+            self.counters["evictions"] += 1
 
     def send_worker(
         self, wid: bytes, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()
