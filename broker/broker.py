@@ -60,6 +60,7 @@ from mtcore.protocol import (
     request_id,
     split_envelope,
 )
+from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
 
 log = logging.getLogger("mtserve.broker")
 
@@ -113,10 +114,7 @@ class Broker:
         }
 
     def _bind(self, address: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock = make_socket(self.ctx, zmq.ROUTER)
         sock.bind(address)
         return sock
 
@@ -151,7 +149,7 @@ class Broker:
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None]) -> None:
         for _ in range(RECV_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -243,7 +241,7 @@ class Broker:
         self.counters[f"status.{header['status']}"] += 1
         value = cmd.value if isinstance(cmd, Cmd) else cmd
         frames = [*envelope, b"", TAG, value, *build(TAG, Cmd.PING, header)[3:], *payload]
-        self.frontend.send_multipart(frames, copy=False)
+        send_frames(self.frontend, frames)
 
     def _reply_error(
         self, envelope: list[Any], cmd: Cmd | bytes, client_id: int | None, exc: MTError
@@ -641,4 +639,4 @@ class Broker:
     def send_worker(
         self, wid: bytes, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()
     ) -> None:
-        self.backend.send_multipart([wid, *build(WORKER_TAG, cmd, header, payload)], copy=False)
+        send_frames(self.backend, [wid, *build(WORKER_TAG, cmd, header, payload)])

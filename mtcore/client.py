@@ -31,6 +31,7 @@ from mtcore.protocol import (
     parse_descs,
     split_envelope,
 )
+from mtcore.transport import make_socket, recv_frames, send_frames
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 CHUNK_BYTES = 4 * 1024 * 1024  # upload chunk size: well under the broker's frame limit
@@ -133,14 +134,6 @@ class _Base:
         return rid, build(TAG, cmd, header, payload)
 
 
-def _socket(ctx: zmq.Context) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    return sock
-
-
 class Client(_Base):
     """Synchronous client: one request in flight at a time."""
 
@@ -156,7 +149,7 @@ class Client(_Base):
         self.address = address
         self.timeout = timeout  # seconds to wait for each reply
         self.ctx = ctx or zmq.Context.instance()
-        self.sock = _socket(self.ctx)
+        self.sock = make_socket(self.ctx, zmq.DEALER)
         self.sock.connect(address)
 
     def call(
@@ -164,10 +157,10 @@ class Client(_Base):
     ) -> Reply:
         """Send one request and wait for its reply (replies to abandoned requests are skipped)."""
         rid, frames = self._frames(cmd, header or {}, payload)
-        self.sock.send_multipart(frames, copy=False)
+        send_frames(self.sock, frames)
         deadline_ms = int(self.timeout * 1000)
         while self.sock.poll(deadline_ms, zmq.POLLIN):
-            reply = decode_reply(self.sock.recv_multipart(copy=False))
+            reply = decode_reply(recv_frames(self.sock))
             if reply.header.get("id") in (rid, None):
                 return check(reply)
         raise TimeoutError(f"no reply from {self.address} within {self.timeout} s")
@@ -234,7 +227,7 @@ class AsyncClient(_Base):
         self.address = address
         self.timeout = timeout
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = _socket(self.ctx)
+        self.sock = make_socket(self.ctx, zmq.DEALER)
         self.sock.connect(address)
         self._waiting: dict[int, asyncio.Future[Reply]] = {}  # id -> future of its reply
         self._reader: asyncio.Task[None] | None = None

@@ -66,6 +66,10 @@ class WCmd(bytes, Enum):
     DISCONNECT = b"\x08"  # either way: I am going away
 
 
+_BY_BYTE: dict[type, dict[bytes, Any]] = {
+    enum: {member.value: member for member in enum} for enum in (Cmd, WCmd)
+}  # command byte -> member, without Enum.__call__ on the hot path
+
 # Tensor dtypes on the wire; all multi-byte types little-endian.
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(code)
@@ -190,10 +194,9 @@ def parse_body(
     if got_tag != tag:
         raise UnsupportedVersion(f"protocol tag {got_tag[:8]!r} is not {tag!r}")
     cmd_bytes = _frame_bytes(body[1])
-    try:
-        cmd = commands(cmd_bytes)
-    except ValueError:
-        raise UnknownCommand(f"unknown command byte {cmd_bytes[:4]!r}") from None
+    cmd = _BY_BYTE[commands].get(cmd_bytes)
+    if cmd is None:
+        raise UnknownCommand(f"unknown command byte {cmd_bytes[:4]!r}")
     payload = body[3:]
     check_payload_size(payload, limits)
     return Message(cmd, decode_header(_frame_buffer(body[2]), limits), payload)

@@ -19,6 +19,7 @@ import zmq
 
 from mtcore.errors import LoadFailed, MTError, Status
 from mtcore.protocol import WORKER_TAG, WCmd, build, decode_tensor, encode_tensor, parse_descs
+from mtcore.transport import make_socket, send_frames
 from worker.onnx_backend import LiveModel, RequestInputs, load_model, profile, run_batch
 
 log = logging.getLogger("mtserve.worker")
@@ -83,14 +84,13 @@ class Executor(threading.Thread):
         self.threads = threads  # ONNX Runtime intra-op threads per session
 
     def run(self) -> None:
-        sock = self.ctx.socket(zmq.PAIR)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = make_socket(self.ctx, zmq.PAIR)
         sock.connect(self.address)
         try:
             while (job := self.jobs.get()) is not STOP:
                 frames = self.handle(job)
                 if frames:
-                    sock.send_multipart(frames, copy=False)
+                    send_frames(sock, frames)
         finally:
             sock.close()
 

@@ -30,6 +30,7 @@ from mtcore.protocol import (
     parse_body,
     split_envelope,
 )
+from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
 from worker.executor import STOP, UNLOAD_ALL, Executor, Job
 
 log = logging.getLogger("mtserve.worker")
@@ -69,8 +70,7 @@ class Worker:
         self.host = HostTier(2 * config.memory_budget)  # bytes fetched from the broker
         self.waiting: dict[str, list[Job]] = {}  # sha -> jobs parked until its bytes arrive
         address = f"inproc://mtserve-exec-{id(self)}"
-        self.results = self.ctx.socket(zmq.PAIR)  # from the exec thread
-        self.results.setsockopt(zmq.LINGER, 0)
+        self.results = make_socket(self.ctx, zmq.PAIR)  # from the exec thread
         self.results.bind(address)
         self.executor = Executor(self.ctx, address, config.memory_budget, config.intra_op_threads)
         self.broker: zmq.Socket | None = None  # DEALER, replaced on reconnect
@@ -115,7 +115,7 @@ class Worker:
     def _drain(self, sock: zmq.Socket, handle: Any) -> None:
         for _ in range(256):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             handle(frames)
@@ -126,10 +126,7 @@ class Worker:
             self.broker.close(linger=0)
             self.executor.jobs.put(UNLOAD_ALL)
             self.waiting.clear()
-        self.broker = self.ctx.socket(zmq.DEALER)
-        self.broker.setsockopt(zmq.LINGER, 0)
-        self.broker.setsockopt(zmq.SNDHWM, 0)
-        self.broker.setsockopt(zmq.RCVHWM, 0)
+        self.broker = make_socket(self.ctx, zmq.DEALER)
         self.broker.connect(self.config.backend)
         self.register()
 
@@ -147,11 +144,11 @@ class Worker:
         )
 
     def send(self, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()) -> None:
-        self.broker.send_multipart(build(WORKER_TAG, cmd, header, payload), copy=False)
+        send_frames(self.broker, build(WORKER_TAG, cmd, header, payload))
         self.last_sent = time.monotonic()
 
     def forward_result(self, frames: list[Any]) -> None:
-        self.broker.send_multipart(frames, copy=False)
+        send_frames(self.broker, frames)
         self.last_sent = time.monotonic()
 
     # -- from the broker ----------------------------------------------------------
