@@ -28,7 +28,7 @@ from broker.registry import ModelRecord, Registry
 from broker.scheduler import make_scheduler
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from broker.uploads import Uploads
-from broker.validate import order_inputs
+from broker.validate import plan_inputs
 from ext import RequestTable
 from mtcore.config import BrokerConfig
 from mtcore.errors import (
@@ -51,10 +51,9 @@ from mtcore.protocol import (
     Message,
     WCmd,
     build,
-    check_frames,
+    encode_header,
     field,
     parse_body,
-    parse_descs,
     peek_cmd,
     peek_id,
     request_id,
@@ -65,7 +64,10 @@ from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
 log = logging.getLogger("mtserve.broker")
 
 TICK = 0.05  # seconds between housekeeping passes
-RECV_BATCH = 256  # messages read from one socket per loop turn
+# Messages read per loop turn. Tenant requests come in small gulps so that worker
+# results (and the dispatch they enable) are never stuck behind a long tenant backlog.
+FRONTEND_BATCH = 32
+BACKEND_BATCH = 256
 PROFILE_TIMEOUT = 120.0  # seconds a worker may take to profile an upload
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -96,7 +98,9 @@ class Broker:
         self.validator = CommitValidator()  # model checks off the loop
         self.commits: list[PendingCommit] = []  # commits being validated or profiled
         self.gc_shas: set[str] = set()  # blobs to remove once nothing uses them
-        self.counters: Counter[str] = Counter()  # requests by command, answers by status
+        self.counters: Counter[str] = Counter()  # messages by command, loads, evictions
+        self.answered: Counter[int] = Counter()  # tenant replies by status code
+        self.by_command: Counter[Cmd] = Counter()  # tenant requests by command
         self.started = time.monotonic()
         self._rids = itertools.count(1)  # broker-internal request ids
         self._next_tick = 0.0
@@ -133,9 +137,9 @@ class Broker:
                 timeout = 5 if self.commits else TICK * 1000
                 events = dict(poller.poll(timeout))
                 if self.backend in events:
-                    self._drain(self.backend, self.on_worker_message)
+                    self._drain(self.backend, self.on_worker_message, BACKEND_BATCH)
                 if self.frontend in events:
-                    self._drain(self.frontend, self.on_client_message)
+                    self._drain(self.frontend, self.on_client_message, FRONTEND_BATCH)
                 now = time.monotonic()
                 if self.commits:
                     self.advance_commits()
@@ -146,8 +150,8 @@ class Broker:
         finally:
             self.shutdown()
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None]) -> None:
-        for _ in range(RECV_BATCH):
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None], limit: int) -> None:
+        for _ in range(limit):
             try:
                 frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
@@ -218,7 +222,7 @@ class Broker:
         try:
             client_id = request_id(msg.header)
             tenant = self.tenant_of(msg.header)
-            self.counters[f"cmd.{msg.cmd.name.lower()}"] += 1
+            self.by_command[msg.cmd] += 1
             self.handlers[msg.cmd](envelope, msg, tenant)
         except MTError as exc:
             self._reply_error(envelope, msg.cmd, client_id, exc)
@@ -237,11 +241,10 @@ class Broker:
     def reply(
         self, envelope: list[Any], cmd: Cmd | bytes, header: dict[str, Any], payload: list[Any] = ()
     ) -> None:
-        header.setdefault("status", 0)
-        self.counters[f"status.{header['status']}"] += 1
+        status = header.setdefault("status", 0)
+        self.answered[status] += 1
         value = cmd.value if isinstance(cmd, Cmd) else cmd
-        frames = [*envelope, b"", TAG, value, *build(TAG, Cmd.PING, header)[3:], *payload]
-        send_frames(self.frontend, frames)
+        send_frames(self.frontend, [*envelope, b"", TAG, value, encode_header(header), *payload])
 
     def _reply_error(
         self, envelope: list[Any], cmd: Cmd | bytes, client_id: int | None, exc: MTError
@@ -293,9 +296,8 @@ class Broker:
         model = self.registry.get(tenant, name)
         if model is None:
             raise ModelNotFound(f"no model '{name}' for tenant '{tenant}'; `list` shows yours")
-        descs = parse_descs(field(h, "inputs", list), self.limits)
-        check_frames(descs, msg.payload)
-        descs, frames, batch = order_inputs(model, descs, msg.payload)
+        plan = plan_inputs(model, field(h, "inputs", list), self.limits)
+        frames = plan.frames(msg.payload)
         now = time.monotonic()
         deadline = math.inf
         budget_ms = field(h, "deadline_ms", (int, float), None)
@@ -303,8 +305,9 @@ class Broker:
             if not 0 < budget_ms < 1e9:
                 raise BadArgument("header field 'deadline_ms' must be a positive number")
             deadline = now + budget_ms / 1e3
+        rid = next(self._rids)
         request = PendingRequest(
-            next(self._rids), envelope, h["id"], model, descs, frames, batch, now, deadline
+            rid, envelope, h["id"], model, plan.descs, frames, plan.batch, now, deadline
         )
         self.scheduler.add_request(request, now)
         give_up = min(deadline + self.config.answer_grace, now + self.config.max_request_time)
@@ -337,7 +340,7 @@ class Broker:
         return model
 
     def status_info(self, tenant: str) -> dict[str, Any]:
-        answered = {k[7:]: v for k, v in self.counters.items() if k.startswith("status.")}
+        answered = {str(status): count for status, count in self.answered.items()}
         return {
             "server": f"mtserve {VERSION}",
             "uptime_s": round(time.monotonic() - self.started, 3),

@@ -49,6 +49,7 @@ class ModelRecord:
     profile: dict[int, float] = field(default_factory=dict)  # batch -> exec microseconds
     created: float = 0.0
     state: str = "ready"
+    input_plans: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batchable(self) -> bool:

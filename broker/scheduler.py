@@ -69,6 +69,7 @@ class FifoLruScheduler(Scheduler):
         self.queues: dict[str, deque[PendingRequest]] = {}  # sha -> FIFO of requests
         self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
         self.failed = []
+        self.with_deadlines: set[str] = set()  # queues that may hold a finite deadline
         self._queued = 0
 
     # -- requests --------------------------------------------------------------
@@ -85,6 +86,8 @@ class FifoLruScheduler(Scheduler):
             )
         self.queues.setdefault(request.model.sha256, deque()).append(request)
         self._queued += 1
+        if request.deadline != math.inf:
+            self.with_deadlines.add(request.model.sha256)
 
     def queued(self) -> int:
         return self._queued
@@ -96,7 +99,9 @@ class FifoLruScheduler(Scheduler):
 
     def expire(self, now: float) -> list[PendingRequest]:
         expired = []
-        for queue in self.queues.values():
+        for sha, queue in self.queues.items():
+            if sha not in self.with_deadlines:
+                continue  # nothing in it can expire; answered ones are skipped at take time
             keep = deque()
             for request in queue:
                 if not self.alive(request.rid):
@@ -251,6 +256,7 @@ class FifoLruScheduler(Scheduler):
     def _drop_empty_queues(self) -> None:
         for sha in [s for s, q in self.queues.items() if not q]:
             del self.queues[sha]
+            self.with_deadlines.discard(sha)
 
 
 def make_scheduler(name: str, max_queue: int, alive: Callable[[int], bool]) -> Scheduler:

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from broker.registry import ModelRecord
 from mtcore.errors import InputInvalid
-from mtcore.protocol import TensorDesc
+from mtcore.protocol import Limits, TensorDesc, check_frames, parse_descs
+
+PLAN_CACHE_SIZE = 64  # distinct input layouts remembered per model
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How one layout of a request's `inputs` maps onto its model: checked once, reused."""
+
+    sent: tuple[TensorDesc, ...]  # descriptions in the order the request sent them
+    descs: list[TensorDesc]  # in the model's signature order
+    order: tuple[int, ...]  # for each signature input, the index of its frame
+    batch: int  # rows along the batch axis
+
+    def frames(self, payload: list[Any]) -> list[Any]:
+        """The payload frames in signature order, after checking count and byte sizes."""
+        check_frames(self.sent, payload)
+        return [payload[i] for i in self.order]
+
+
+def plan_inputs(model: ModelRecord, raw: Any, limits: Limits) -> InputPlan:
+    """The plan for a request's raw `inputs` field, from the model's cache when seen before.
+
+    Tenants send the same layout over and over, so parsing and checking it once per model
+    takes the work off the hot path. The key is the field's `repr`, which tells 1 from 1.0
+    and True, so a cached plan is only ever reused for an identical field.
+    """
+    key = repr(raw)
+    plan = model.input_plans.get(key)
+    if plan is None:
+        sent = parse_descs(raw, limits)
+        descs, order, batch = order_inputs(model, sent, list(range(len(sent))))
+        plan = InputPlan(tuple(sent), descs, tuple(order), batch)
+        if len(model.input_plans) >= PLAN_CACHE_SIZE:
+            model.input_plans.clear()
+        model.input_plans[key] = plan
+    return plan
 
 
 def order_inputs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -131,7 +132,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
     tmp = config.state_dir / (ENDPOINTS_FILE + ".tmp")
     tmp.write_text(json.dumps(endpoints))
     tmp.replace(config.state_dir / ENDPOINTS_FILE)
-    broker.mediate()
+    profile_to = os.environ.get("MTSERVE_PROFILE")  # developer aid: cProfile the loop
+    if profile_to:
+        import cProfile
+
+        cProfile.runctx("broker.mediate()", globals(), {"broker": broker}, profile_to)
+    else:
+        broker.mediate()
     return 0
 
 

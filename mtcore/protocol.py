@@ -173,13 +173,18 @@ def _frame_buffer(frame: Any) -> memoryview:
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
 
 
+def frame_size(frame: Any) -> int:
+    """Bytes in a frame: zmq.Frame and bytes know their length; a memoryview its nbytes."""
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
+
 def split_envelope(frames: list[Any], hops: int = 1) -> tuple[list[Any], list[Any]]:
     """Split received frames into (routing envelope, body after the empty delimiter).
 
     `hops` is the number of routing frames in front: 1 on a ROUTER whose peers connect
     directly (the broker), 0 on a DEALER (the client, the worker).
     """
-    if len(frames) <= hops or len(_frame_buffer(frames[hops])) != 0:
+    if len(frames) <= hops or frame_size(frames[hops]) != 0:
         raise ProtocolError("no empty delimiter frame: a DEALER must send one before the tag")
     return frames[:hops], frames[hops + 1 :]
 
@@ -207,7 +212,7 @@ def check_payload_size(payload: Sequence[Any], limits: Limits) -> None:
         raise TooLarge(f"{len(payload)} payload frames; the limit is {limits.max_frames}")
     total = 0
     for frame in payload:
-        size = len(_frame_buffer(frame))
+        size = frame_size(frame)
         if size > limits.max_frame_bytes:
             raise TooLarge(
                 f"a payload frame is {size} bytes; the limit is {limits.max_frame_bytes}"
@@ -319,7 +324,7 @@ def check_frames(descs: Sequence[TensorDesc], frames: Sequence[Any]) -> None:
     if len(descs) != len(frames):
         raise InputInvalid(f"{len(descs)} tensors described but {len(frames)} payload frames sent")
     for desc, frame in zip(descs, frames, strict=True):
-        size = len(_frame_buffer(frame))
+        size = frame_size(frame)
         if size != desc.nbytes():
             raise InputInvalid(
                 f"tensor '{desc.name}' {desc.dtype}{list(desc.shape)} needs {desc.nbytes()} "
