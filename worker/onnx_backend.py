@@ -44,6 +44,7 @@ class LiveModel:
     output_names: list[str]
     batchable: bool  # every input has a dynamic leading dimension
     load_us: float  # how long building the session took
+    last_exec_us: float = float("inf")  # the latest batch's run time (inf before the first)
 
 
 def make_session(data: bytes, intra_op_threads: int = 0) -> Any:

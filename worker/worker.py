@@ -124,7 +124,7 @@ class Worker:
         """(Re)connect to the broker and register; live models are dropped (fresh start)."""
         if self.broker is not None:
             self.broker.close(linger=0)
-            self.executor.jobs.put(UNLOAD_ALL)
+            self.executor.put(UNLOAD_ALL)
             self.waiting.clear()
         self.broker = make_socket(self.ctx, zmq.DEALER)
         self.broker.connect(self.config.backend)
@@ -164,7 +164,7 @@ class Worker:
         if msg.cmd in (WCmd.READY, WCmd.HEARTBEAT):
             return
         if msg.cmd is WCmd.DISCONNECT:
-            self.executor.jobs.put(UNLOAD_ALL)
+            self.executor.put(UNLOAD_ALL)
             self.register()
         elif msg.cmd is WCmd.FETCH_MODEL:
             self.on_fetched(msg.header, msg.payload)
@@ -183,7 +183,11 @@ class Worker:
                 self.waiting[sha] = [job]
                 self.send(WCmd.FETCH_MODEL, {"sha256": sha})
                 return
-        self.executor.jobs.put(job)
+        frames = self.executor.run_inline(job)
+        if frames is not None:
+            self.forward_result(frames)
+        else:
+            self.executor.put(job)
 
     def on_fetched(self, header: dict[str, Any], payload: list[Any]) -> None:
         sha = str(header.get("sha256", ""))
@@ -197,13 +201,13 @@ class Worker:
         for job in jobs:
             if job.cmd in NEEDS_BYTES:
                 job.data, job.error = data, error
-            self.executor.jobs.put(job)
+            self.executor.put(job)
 
     def close(self) -> None:
         if self.broker is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self.send(WCmd.DISCONNECT, {})
             self.broker.close(linger=200)
-        self.executor.jobs.put(STOP)
+        self.executor.put(STOP)
         self.executor.join(timeout=10)
         self.results.close()
