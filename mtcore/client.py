@@ -242,11 +242,12 @@ class AsyncClient(_Base):
         self._waiting[rid] = future
         try:
             await self.sock.send_multipart(frames, copy=False)
-            return check(await asyncio.wait_for(future, self.timeout))
-        except asyncio.TimeoutError:
+            reply = await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:  # only the wait: DeadlineExpired is a TimeoutError too
             raise TimeoutError(f"no reply from {self.address} within {self.timeout} s") from None
         finally:
             self._waiting.pop(rid, None)
+        return check(reply)
 
     async def _read(self) -> None:
         while True:
