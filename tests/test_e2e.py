@@ -11,7 +11,7 @@ import pytest
 
 from bench import zoo
 from mtcore.client import AsyncClient, Client
-from mtcore.errors import ModelNotFound, Status, WorkerLost
+from mtcore.errors import ModelNotFound, MTError, Status, WorkerLost
 from tests.conftest import start_cluster
 
 
@@ -148,5 +148,42 @@ def test_lost_worker_requests_answered(tmp_path) -> None:
         for r in results:
             assert not isinstance(r, BaseException) or isinstance(r, WorkerLost), r
         assert any(not isinstance(r, BaseException) for r in results)
+    finally:
+        cluster.stop()
+
+
+def test_model_churn_under_a_small_budget_answers_everything(tmp_path) -> None:
+    """Six models, memory for two per worker: constant loads and evictions, no lost answer."""
+    size = len(zoo.model_bytes("mlp"))
+    memory_mb = max(1, (2 * size) >> 20) + 1
+    cluster = start_cluster(tmp_path, workers=2, memory_mb=memory_mb)
+    try:
+        with Client(cluster.address, tenant="churn") as c:
+            for i in range(6):
+                c.upload_model(f"m{i}", zoo.model_bytes("mlp", seed=i))
+        x = zoo.sample_inputs("mlp")
+        expected = {i: reference_seeded(i, x) for i in range(6)}
+
+        async def main() -> list:
+            async with AsyncClient(cluster.address, tenant="churn", timeout=60) as ac:
+                picks = [(i * 7) % 6 for i in range(300)]
+                tasks = [ac.infer(f"m{m}", x, deadline_ms=None if k % 3 else 40.0)
+                         for k, m in enumerate(picks)]  # fmt: skip
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                return list(zip(picks, results, strict=True))
+
+        outcomes = asyncio.run(main())
+        for model, result in outcomes:
+            if isinstance(result, BaseException):  # only a short deadline may fail, and typed
+                assert isinstance(result, MTError), result
+                assert result.status in (Status.DEADLINE_EXPIRED, Status.DEADLINE_UNMEETABLE)
+            else:
+                np.testing.assert_allclose(result["logits"], expected[model], rtol=1e-5, atol=1e-6)
+        with Client(cluster.address, tenant="churn") as c:
+            status = c.status()
+        assert status["in_flight"] == 0 and status["queued"] == 0
+        assert status["loads"] > 6 and status["evictions"] > 0  # the budget forced swaps
+        for worker in status["workers"]:
+            assert worker["memory_used"] <= worker["memory_budget"]
     finally:
         cluster.stop()
