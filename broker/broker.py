@@ -88,6 +88,9 @@ class Broker:
         )
         self.frontend = self._bind(config.frontend)  # tenants (ROUTER)
         self.backend = self._bind(config.backend)  # workers (ROUTER)
+        self.poller = zmq.Poller()  # both sockets, for `turn`
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
         self.registry = Registry(config.state_dir)  # models: SQLite + blobs
         self.uploads = Uploads(config.state_dir / "uploads", config.max_model_bytes)
         self.pending = RequestTable()  # rid -> PendingRequest, until answered
@@ -126,29 +129,29 @@ class Broker:
 
     def mediate(self) -> None:
         """Serve until `stop()`; then answer what is left with SHUTTING_DOWN."""
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
         log.info(
             "broker serving tenants on %s, workers on %s", self.config.frontend, self.config.backend
         )
         try:
             while not self._stopping:
-                timeout = 5 if self.commits else TICK * 1000
-                events = dict(poller.poll(timeout))
-                if self.backend in events:
-                    self._drain(self.backend, self.on_worker_message, BACKEND_BATCH)
-                if self.frontend in events:
-                    self._drain(self.frontend, self.on_client_message, FRONTEND_BATCH)
-                now = time.monotonic()
-                if self.commits:
-                    self.advance_commits()
-                if now >= self._next_tick:
-                    self.tick(now)
-                    self._next_tick = now + TICK
-                self.dispatch(now)
+                self.turn(5 if self.commits else TICK * 1000)
         finally:
             self.shutdown()
+
+    def turn(self, timeout_ms: float) -> None:
+        """One pass of the loop: wait for messages, handle them, housekeeping, dispatch."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.backend in events:
+            self._drain(self.backend, self.on_worker_message, BACKEND_BATCH)
+        if self.frontend in events:
+            self._drain(self.frontend, self.on_client_message, FRONTEND_BATCH)
+        now = time.monotonic()
+        if self.commits:
+            self.advance_commits()
+        if now >= self._next_tick:
+            self.tick(now)
+            self._next_tick = now + TICK
+        self.dispatch(now)
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None], limit: int) -> None:
         for _ in range(limit):

@@ -153,9 +153,12 @@ def decode_header(data: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
-    if not all(type(key) is str for key in header):
+    if not _STR_KEYS.issuperset(map(type, header)):
         raise ProtocolError("header keys must be msgpack strings (str), not binary")
     return header
+
+
+_STR_KEYS = frozenset({str})
 
 
 def _no_ext(code: int, data: bytes) -> None:

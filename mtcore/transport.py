@@ -21,17 +21,21 @@ COPY_BELOW = 64 * 1024  # bytes: smaller frames are copied into the message
 
 _send = zmq.backend.Socket.send  # the Cython method under pyzmq's sugar
 _recv = zmq.backend.Socket.recv
+_Frame = zmq.Frame
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
     """Send one multipart message."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        flags = SNDMORE if i < last else 0
-        if isinstance(frame, zmq.Frame):
-            _send(sock, frame, flags, False)
+        kind = type(frame)
+        if kind is bytes:
+            copy = len(frame) < COPY_BELOW
+        elif kind is _Frame:
+            copy = False  # already a libzmq message: forwarded without a copy
         else:
-            _send(sock, frame, flags, memoryview(frame).nbytes < COPY_BELOW)
+            copy = memoryview(frame).nbytes < COPY_BELOW
+        _send(sock, frame, SNDMORE if i < last else 0, copy)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
