@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install build test test-pure demo bench lint clean
+.PHONY: install build test test-pure demo bench lint clean cclient sysdeps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -20,8 +20,19 @@ install: $(STAMP)
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# System packages for the example C client (examples/c/mtclient.c); a no-op when present.
+sysdeps:
+	@pkg-config --exists libzmq 2>/dev/null || apt-get install -y libzmq3-dev pkg-config \
+	  || { apt-get update && apt-get install -y libzmq3-dev pkg-config; }
+
+cclient: build/mtclient
+
+build/mtclient: examples/c/mtclient.c | sysdeps
+	mkdir -p build
+	cc -O2 -std=c99 -Wall -Wextra -o $@ $< $$(pkg-config --cflags --libs libzmq)
+
 # The suite runs twice: with the C core, then with its pure-Python twins.
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q -x
 	MTSERVE_PUREPYTHON=1 $(PY) -m pytest -q -x -m "not slow"
 

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mtcore.errors import ModelInvalid
-from mtcore.protocol import TensorDesc
+from mtcore.protocol import DEFAULT_LIMITS, TensorDesc
+
+MAX_RANK = DEFAULT_LIMITS.max_rank
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
@@ -153,6 +155,10 @@ def _desc(value) -> TensorDesc:
     if not ttype.HasField("shape"):
         raise ModelInvalid(f"'{value.name}' has no declared shape; export with static rank")
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim)
+    if len(shape) > MAX_RANK:
+        raise ModelInvalid(
+            f"'{value.name}' has {len(shape)} dimensions; wire tensors have at most {MAX_RANK}"
+        )
     if any(d < 0 and d != -1 for d in shape) or any(
         d.HasField("dim_value") and d.dim_value < 0 for d in ttype.shape.dim
     ):
