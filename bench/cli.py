@@ -262,9 +262,8 @@ def _drive(args: argparse.Namespace, target: Any, names: list[str], arrivals: li
         )  # fmt: skip
         return (*asyncio.run(coro), None)
     stats = OpenLoopStats()
-    duration = args.duration if args.trace is None else None
     coro = run_open_loop(
-        target, arrivals, inputs, duration=duration, progress=progress, drain_s=args.drain,
+        target, arrivals, inputs, duration=args.duration, progress=progress, drain_s=args.drain,
         stats=stats,
     )  # fmt: skip
     return (*asyncio.run(coro), stats.summary())
@@ -280,6 +279,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         return 2 if status is None else status  # no namespace: Ray is skipped, nothing to run
     if args.quick:
         _quick(args)
+    given_duration = args.duration  # a trace runs to its last arrival unless told otherwise
     if args.duration is None:
         args.duration = 10.0
     trace = read_trace(args.trace) if args.trace else None
@@ -288,9 +288,11 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     arrivals = _plan(args, names, trace)
     tenants = sorted({a.tenant for a in arrivals}) if arrivals else ["bench"]
     target = _target(args, models[names[0]].stat().st_size)
+    if args.trace is not None:
+        args.duration = given_duration
     with started([target], models, tenants):
         records, samples, duration, late = _drive(args, target, names, arrivals)
-    config = _run_config(args, names, tenants, arrivals)
+    config = {**_run_config(args, names, tenants, arrivals), "duration_s": duration}
     run_meta = {**meta(), "send_late_ms": late}
     doc = report.build_results("run", config, {target.name: report.target_result(
         records, duration, samples)}, run_meta)  # fmt: skip
@@ -319,7 +321,6 @@ def _run_config(
         "zipf_s": args.zipf,
         "deadline_ms": args.deadline_ms,
         "tenants": tenants,
-        "duration_s": args.duration,
         "requests_planned": len(arrivals) if arrivals is not None else None,
         "memory_models": args.memory_models,
         "workers": args.workers,

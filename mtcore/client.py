@@ -235,6 +235,13 @@ class AsyncClient(_Base):
     async def call(
         self, cmd: Cmd, header: dict[str, Any] | None = None, payload: list[Any] = ()
     ) -> Reply:
+        """Send one request and await its reply; a non-zero status raises its typed error."""
+        return check(await self.call_raw(cmd, header, payload))
+
+    async def call_raw(
+        self, cmd: Cmd, header: dict[str, Any] | None = None, payload: list[Any] = ()
+    ) -> Reply:
+        """Like `call`, but returns error replies too (load generators count statuses)."""
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         rid, frames = self._frames(cmd, header or {}, payload)
@@ -247,7 +254,7 @@ class AsyncClient(_Base):
             raise TimeoutError(f"no reply from {self.address} within {self.timeout} s") from None
         finally:
             self._waiting.pop(rid, None)
-        return check(reply)
+        return reply
 
     async def _read(self) -> None:
         while True:
