@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,7 +155,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     worker = Worker(config)
     worker.install_signal_handlers()
-    worker.run()
+    # Defense in depth: an empty working directory, so no relative path inside a model
+    # (the checks refuse external data anyway) can reach the broker's state.
+    with tempfile.TemporaryDirectory(prefix="mtserve-worker-") as empty:
+        os.chdir(empty)
+        worker.run()
     return 0
 
 

@@ -15,6 +15,8 @@ from mtcore.errors import ModelInvalid
 from mtcore.protocol import DEFAULT_LIMITS, TensorDesc
 
 MAX_RANK = DEFAULT_LIMITS.max_rank
+MAX_TENSORS = DEFAULT_LIMITS.max_tensors
+MAX_NAME = 256  # characters in an input or output name: results stay small
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
@@ -72,45 +74,35 @@ def check_model(data: bytes) -> ModelSignature:
     return read_signature(model)
 
 
-def _graphs(model) -> Iterator:
-    """The main graph, every subgraph nested in node attributes, and local functions."""
-    stack = [model.graph]
+def _messages(root) -> Iterator:
+    """Every protobuf message inside `root`, itself included, found generically.
+
+    Walking the message tree by descriptor, not by the fields we know of, means no
+    tensor or node can hide where the checks do not look (a function's subgraph, a
+    sparse tensor inside an attribute, training info, fields added by future opsets).
+    """
+    stack = [root]
     while stack:
-        graph = stack.pop()
-        yield graph
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    stack.append(attr.g)
-                stack.extend(attr.graphs)
-    yield from model.functions  # FunctionProto has .node like a graph (no subgraph weights)
+        message = stack.pop()
+        yield message
+        for fd, value in message.ListFields():
+            if fd.type != fd.TYPE_MESSAGE:
+                continue
+            if hasattr(value, "DESCRIPTOR"):  # one message
+                stack.append(value)
+            else:  # a repeated field of messages
+                stack.extend(value)
 
 
-def _tensors(model) -> Iterator:
-    """Every tensor stored in the model: initializers, sparse ones, node attributes."""
-    for graph in _graphs(model):
-        yield from getattr(graph, "initializer", ())
-        for sparse in getattr(graph, "sparse_initializer", ()):
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("sparse_tensor"):
-                    yield attr.sparse_tensor.values
-                    yield attr.sparse_tensor.indices
-                for sparse in attr.sparse_tensors:
-                    yield sparse.values
-                    yield sparse.indices
+def _of_type(model, full_name: str) -> Iterator:
+    return (m for m in _messages(model) if m.DESCRIPTOR.full_name == full_name)
 
 
 def _check_external_data(model) -> None:
     """No tensor anywhere may point at a file: it would be read from the server's disk."""
     import onnx
 
-    for tensor in _tensors(model):
+    for tensor in _of_type(model, "onnx.TensorProto"):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
             raise ModelInvalid(
                 f"tensor '{tensor.name}' uses external data; re-export the model with all "
@@ -119,12 +111,18 @@ def _check_external_data(model) -> None:
 
 
 def _check_domains(model) -> None:
-    """Standard operators only, in subgraphs and functions too (no contrib or custom ops)."""
-    local = {(f.domain, f.name) for f in model.functions}
-    for graph in _graphs(model):
-        for node in graph.node:
-            if node.domain in ALLOWED_DOMAINS or (node.domain, node.op_type) in local:
-                continue
+    """Standard operators only, anywhere in the model; no model-local functions.
+
+    A local function may carry the name of a runtime's built-in operator (ONNX Runtime
+    then runs its own kernel, not the function body), so functions are refused outright.
+    """
+    if model.functions:
+        raise ModelInvalid(
+            f"the model defines local functions ({model.functions[0].domain}:"
+            f"{model.functions[0].name}, ...); export with functions inlined"
+        )
+    for node in _of_type(model, "onnx.NodeProto"):
+        if node.domain not in ALLOWED_DOMAINS:
             raise ModelInvalid(
                 f"node '{node.name or node.op_type}' uses operator domain '{node.domain}'; "
                 f"only the standard domains are allowed ({', '.join(sorted(ALLOWED_DOMAINS))})"
@@ -135,6 +133,8 @@ def read_signature(model) -> ModelSignature:
     initializers = {t.name for t in model.graph.initializer}
     inputs = tuple(_desc(v) for v in model.graph.input if v.name not in initializers)
     outputs = tuple(_desc(v) for v in model.graph.output)
+    if len(inputs) > MAX_TENSORS or len(outputs) > MAX_TENSORS:
+        raise ModelInvalid(f"a model may declare at most {MAX_TENSORS} inputs and outputs each")
     if not inputs:
         raise ModelInvalid("the model declares no inputs")
     if not outputs:
@@ -143,6 +143,8 @@ def read_signature(model) -> ModelSignature:
 
 
 def _desc(value) -> TensorDesc:
+    if not 0 < len(value.name) <= MAX_NAME:
+        raise ModelInvalid(f"tensor name {value.name[:40]!r}... must be 1-{MAX_NAME} characters")
     ttype = value.type.tensor_type if value.type.HasField("tensor_type") else None
     if ttype is None:
         raise ModelInvalid(f"'{value.name}' is not a tensor; only tensor inputs/outputs are served")
