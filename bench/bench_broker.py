@@ -66,7 +66,13 @@ class FakeWorker:
                     [rid, 0, None, [["output", *d[1:]] for d in descs]]
                     for rid, descs in h["requests"]
                 ]
-                header = {"action": h["action"], "status": 0, "results": results, "timing": {}}
+                header = {
+                    "action": h["action"],
+                    "sha256": h["sha256"],
+                    "status": 0,
+                    "results": results,
+                    "timing": {},
+                }
                 send_frames(self.sock, build(WORKER_TAG, WCmd.INFER, header, msg.payload))
             elif msg.cmd is WCmd.LOAD_MODEL:
                 send_frames(

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import signal
 import time
 from collections import Counter
@@ -105,7 +106,7 @@ class Broker:
         self.answered: Counter[int] = Counter()  # tenant replies by status code
         self.by_command: Counter[Cmd] = Counter()  # tenant requests by command
         self.started = time.monotonic()
-        self._rids = itertools.count(1)  # broker-internal request ids
+        self._rids = itertools.count(secrets.randbits(40) << 16)  # request ids (random start)
         self._next_tick = 0.0
         self._stopping = False
         self.handlers: dict[Cmd, Callable[[list[Any], Message, str], None]] = {
@@ -515,9 +516,10 @@ class Broker:
         )
 
     def on_action_result(self, worker: WorkerState, msg: Message, now: float) -> None:
-        action = worker.inflight.pop(int(msg.header.get("action", 0)), None)
-        if action is None:
-            return  # late result of an action we gave up on
+        action = worker.inflight.get(int(msg.header.get("action", 0)))
+        if action is None or msg.header.get("sha256") != action.sha256:
+            return  # late result of an action we gave up on, or not ours at all
+        del worker.inflight[action.id]
         ok = msg.header.get("status", 0) == 0
         self.scheduler.on_result(action, ok, now, list(msg.header.get("evicted", ())))
         if action.kind is ActionKind.INFER:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -16,7 +17,9 @@ from typing import Any
 from broker.registry import ModelRecord
 from mtcore.protocol import TensorDesc
 
-_action_ids = itertools.count(1)
+# Ids start at a random point in each broker process, so a late result meant for a
+# previous broker (a worker still finishing its queue after a restart) cannot match.
+_action_ids = itertools.count(secrets.randbits(40) << 16)
 
 
 @dataclass(eq=False)

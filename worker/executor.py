@@ -34,6 +34,7 @@ class Job:
     frames: list[Any] = field(default_factory=list)
     data: bytes | None = None  # model bytes for LOAD/PROFILE
     error: MTError | None = None  # why the bytes could not be fetched
+    generation: int = -1  # the worker's registration it belongs to; -1: any
     received: float = field(default_factory=time.monotonic)
 
 
@@ -85,6 +86,7 @@ class Executor(threading.Thread):
         self.threads = threads  # ONNX Runtime intra-op threads per session
         # Each counter has one writer (I/O thread, exec thread), so reading both is safe.
         self.submitted = 0  # jobs put on the queue
+        self.generation = 0  # current registration with the broker (I/O thread writes)
         self.completed = 0  # jobs the exec thread has finished
 
     def put(self, job: Job) -> None:
@@ -121,6 +123,8 @@ class Executor(threading.Thread):
             sock.close()
 
     def handle(self, job: Job) -> list[Any] | None:
+        if job.generation not in (-1, self.generation):
+            return None  # queued for a broker registration that no longer exists
         try:
             if job.cmd is WCmd.LOAD_MODEL:
                 return self.load(job)

@@ -124,11 +124,20 @@ class Worker:
         """(Re)connect to the broker and register; live models are dropped (fresh start)."""
         if self.broker is not None:
             self.broker.close(linger=0)
-            self.executor.put(UNLOAD_ALL)
-            self.waiting.clear()
+            self.forget_broker_state()
         self.broker = make_socket(self.ctx, zmq.DEALER)
         self.broker.connect(self.config.backend)
         self.register()
+
+    def forget_broker_state(self) -> None:
+        """The broker no longer knows us: drop its queued actions, fetches and live models.
+
+        Jobs of the old registration are skipped by the exec thread (their generation is
+        stale): their results would go to a broker that never asked for them.
+        """
+        self.executor.generation += 1
+        self.waiting.clear()
+        self.executor.put(UNLOAD_ALL)
 
     def register(self) -> None:
         self.last_heard = time.monotonic()
@@ -164,12 +173,12 @@ class Worker:
         if msg.cmd in (WCmd.READY, WCmd.HEARTBEAT):
             return
         if msg.cmd is WCmd.DISCONNECT:
-            self.executor.put(UNLOAD_ALL)
+            self.forget_broker_state()
             self.register()
         elif msg.cmd is WCmd.FETCH_MODEL:
             self.on_fetched(msg.header, msg.payload)
         else:
-            self.submit(Job(msg.cmd, msg.header, msg.payload))
+            self.submit(Job(msg.cmd, msg.header, msg.payload, generation=self.executor.generation))
 
     def submit(self, job: Job) -> None:
         """Hand a job to the exec thread, or park it behind a fetch of its model's bytes."""
