@@ -35,7 +35,9 @@ from mtcore.config import BrokerConfig
 from mtcore.errors import (
     BadArgument,
     InternalError,
+    LoadFailed,
     ModelExists,
+    ModelInvalid,
     ModelNotFound,
     MTError,
     ShuttingDown,
@@ -188,8 +190,9 @@ class Broker:
             self._reply_error(request.envelope, Cmd.INFER, request.client_id, abandoned)
         self.uploads.expire(now, self.config.upload_timeout)
         for commit in [c for c in self.commits if c.profile_action and c.profile_deadline < now]:
-            log.warning("profiling %s timed out; publishing it unprofiled", commit.upload.name)
-            self._publish(commit)
+            self._fail_commit(commit, ModelInvalid(
+                f"profiling did not finish within {PROFILE_TIMEOUT:.0f} s; a model must run on "
+                "random inputs in bounded time"))  # fmt: skip
         self.collect_garbage()
 
     def shutdown(self) -> None:
@@ -584,7 +587,9 @@ class Broker:
         self.workers.pop(worker.wid, None)
         for action in worker.inflight.values():
             if action.kind is ActionKind.PROFILE and action.context[0] in self.commits:
-                self._publish(action.context[0])  # published unprofiled (see ARCHITECTURE)
+                self._fail_commit(action.context[0], LoadFailed(
+                    f"worker {worker.name} was lost while profiling the model ({why}); if the "
+                    "model crashed it, fix the model, otherwise upload it again"))  # fmt: skip
         now = time.monotonic()
         for request in self.scheduler.on_worker_lost(worker):
             self.retry_or_fail(request, now, worker.name)

@@ -209,7 +209,9 @@ class FifoLruScheduler(Scheduler):
                 queue.popleft()
                 self._queued -= 1
                 continue
-            if nxt.stack_key != key or rows + nxt.batch > cap:
+            # Same bytes uploaded by two tenants share a queue but never a batch: each
+            # tenant's batch cap holds, and no tenant's rows meet another's.
+            if nxt.model is not head.model or nxt.stack_key != key or rows + nxt.batch > cap:
                 break
             batch.append(queue.popleft())
             self._queued -= 1

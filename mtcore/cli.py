@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--name", default="")
     w.add_argument("--memory-mb", type=int, default=1024)
     w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    w.add_argument("--max-run-s", type=float, default=60.0, help="stop a model run after this")
     w.set_defaults(run=cmd_worker)
 
     for name, fn, text in (
@@ -152,6 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name=args.name,
         memory_budget=args.memory_mb * MIB,
         intra_op_threads=args.threads,
+        max_run_seconds=args.max_run_s,
     )
     worker = Worker(config)
     worker.install_signal_handlers()

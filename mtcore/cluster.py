@@ -37,6 +37,7 @@ class LocalCluster:
         memory_mb: int = 1024,
         threads: int = 0,
         broker_args: list[str] = (),
+        worker_args: list[str] = (),
         log_dir: str | Path | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
@@ -45,6 +46,7 @@ class LocalCluster:
         self.memory_mb = memory_mb  # each worker's budget for live models
         self.threads = threads  # ONNX Runtime threads per session (0: cores / workers)
         self.broker_args = list(broker_args)
+        self.worker_args = list(worker_args)  # extra `mtserve worker` options
         self.log_dir = Path(log_dir) if log_dir else self.state_dir / "logs"
         self.broker: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -96,6 +98,7 @@ class LocalCluster:
             str(self.memory_mb),
             "--threads",
             str(threads),
+            *self.worker_args,
         ]
         proc = self._spawn(args, name)
         self.workers.append(proc)

@@ -49,3 +49,4 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0  # worker -> broker heartbeat when idle
     heartbeat_liveness: float = 5.0  # broker silent this long: reconnect
     kind: str = "cpu"  # backend kind reported to the broker
+    max_run_seconds: float = 60.0  # a model run (or profile) longer than this is stopped

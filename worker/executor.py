@@ -8,6 +8,7 @@ complete worker-protocol messages, which the I/O thread forwards unchanged.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -17,10 +18,19 @@ from typing import Any
 
 import zmq
 
-from mtcore.errors import LoadFailed, MTError, Status
-from mtcore.protocol import WORKER_TAG, WCmd, build, decode_tensor, encode_tensor, parse_descs
+from mtcore.errors import ExecFailed, LoadFailed, MTError, Status
+from mtcore.protocol import (
+    DEFAULT_LIMITS,
+    WORKER_TAG,
+    WCmd,
+    build,
+    decode_tensor,
+    encode_tensor,
+    parse_descs,
+)
 from mtcore.transport import make_socket, send_frames
 from worker.onnx_backend import LiveModel, RequestInputs, load_model, profile, run_batch
+from worker.watchdog import Watchdog
 
 log = logging.getLogger("mtserve.worker")
 
@@ -40,6 +50,8 @@ class Job:
 
 STOP = Job(WCmd.DISCONNECT, {})  # sentinel: the thread exits
 INLINE_BELOW_US = 2000.0  # an INFER whose model last ran faster than this may run inline
+MAX_OUTPUT_BYTES = DEFAULT_LIMITS.max_message_bytes  # per request: what a tenant may receive
+INLINE_LIMIT_S = 0.25  # an inline run taking longer is stopped and rerun on the exec thread
 UNLOAD_ALL = Job(WCmd.UNLOAD_MODEL, {"all": True})
 
 
@@ -77,7 +89,9 @@ class LiveModels:
 class Executor(threading.Thread):
     """Runs LOAD, UNLOAD, INFER and PROFILE jobs in arrival order."""
 
-    def __init__(self, ctx: zmq.Context, address: str, budget: int, threads: int) -> None:
+    def __init__(
+        self, ctx: zmq.Context, address: str, budget: int, threads: int, max_run_s: float = 60.0
+    ) -> None:
         super().__init__(name="mtserve-exec", daemon=True)
         self.ctx = ctx
         self.address = address  # inproc PAIR endpoint bound by the I/O thread
@@ -87,6 +101,12 @@ class Executor(threading.Thread):
         # Each counter has one writer (I/O thread, exec thread), so reading both is safe.
         self.submitted = 0  # jobs put on the queue
         self.generation = 0  # current registration with the broker (I/O thread writes)
+        self.max_run_s = max_run_s  # a model run longer than this is stopped
+        self.watchdog = Watchdog()
+
+    def start(self) -> None:
+        super().start()
+        self.watchdog.start()
         self.completed = 0  # jobs the exec thread has finished
 
     def put(self, job: Job) -> None:
@@ -108,7 +128,7 @@ class Executor(threading.Thread):
         model = self.live.get(job.header.get("sha256", ""))
         if model is None or model.last_exec_us > INLINE_BELOW_US:
             return None
-        return self.handle(job)
+        return self.infer(job, INLINE_LIMIT_S, requeue_if_stopped=True)
 
     def run(self) -> None:
         sock = make_socket(self.ctx, zmq.PAIR)
@@ -165,7 +185,11 @@ class Executor(threading.Thread):
         else:
             self.live.drop(job.header["sha256"])
 
-    def infer(self, job: Job) -> list[Any]:
+    def infer(
+        self, job: Job, limit_s: float = 0.0, requeue_if_stopped: bool = False
+    ) -> list[Any] | None:
+        """Run a batch under the watchdog; a run past `limit_s` fails its requests, or is
+        handed back (None) for the exec thread to rerun when `requeue_if_stopped`."""
         start = time.perf_counter()
         waited = time.monotonic() - job.received
         latest = job.header.get("latest")
@@ -180,7 +204,16 @@ class Executor(threading.Thread):
             return self._failed(job, LoadFailed("the model is not loaded on this worker"))
         batch = self._decode_requests(job)
         exec_start = time.perf_counter()
-        outcomes = run_batch(model, batch)
+        limit_s = limit_s or self.max_run_s
+        with self.watchdog.guard(limit_s) as options:
+            outcomes = run_batch(model, batch, options)
+        if options.terminate:
+            model.last_exec_us = math.inf  # slow now: never inline this model again
+            if requeue_if_stopped:
+                return None
+            return self._failed(
+                job, ExecFailed(f"the model ran longer than {limit_s:g} s; stopped")
+            )
         exec_us = (time.perf_counter() - exec_start) * 1e6
         model.last_exec_us = exec_us
         results, frames = [], []
@@ -189,6 +222,11 @@ class Executor(threading.Thread):
                 results.append(
                     [rid, int(getattr(error, "status", Status.EXEC_FAILED)), str(error), []]
                 )
+                continue
+            size = sum(array.nbytes for array in outputs)
+            if size > MAX_OUTPUT_BYTES:
+                error = f"outputs of {size} bytes exceed the {MAX_OUTPUT_BYTES}-byte reply limit"
+                results.append([rid, int(Status.TOO_LARGE), error, []])
                 continue
             descs = []
             for name, array in zip(model.output_names, outputs, strict=True):
@@ -218,7 +256,10 @@ class Executor(threading.Thread):
         sha = job.header["sha256"]
         try:
             model = self.live.get(sha) or load_model(sha, job.data, self.threads)
-            measured = profile(model, [int(b) for b in job.header.get("batches", [1])])
+            with self.watchdog.guard(self.max_run_s) as options:
+                measured = profile(
+                    model, [int(b) for b in job.header.get("batches", [1])], 3, options
+                )
         except MTError as exc:
             return self._failed(job, MTError(exc.message, Status.MODEL_INVALID))
         except Exception as exc:

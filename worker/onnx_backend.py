@@ -94,14 +94,16 @@ class RequestInputs:
 RequestOutcome = tuple[int, list[np.ndarray] | None, Exception | None]
 
 
-def run_batch(model: LiveModel, requests: list[RequestInputs]) -> list[RequestOutcome]:
+def run_batch(
+    model: LiveModel, requests: list[RequestInputs], options: Any = None
+) -> list[RequestOutcome]:
     """Run a batch; one (rid, outputs, error) per request, in order."""
     if len(requests) > 1 and model.batchable and _stackable(requests):
         try:
-            return _run_stacked(model, requests)
+            return _run_stacked(model, requests, options)
         except Exception:
             pass  # isolate the failing request below
-    return [_run_one(model, r) for r in requests]
+    return [_run_one(model, r, options) for r in requests]
 
 
 def _stackable(requests: list[RequestInputs]) -> bool:
@@ -109,12 +111,14 @@ def _stackable(requests: list[RequestInputs]) -> bool:
     return all([(a.dtype, a.shape[1:]) for a in r.arrays] == first for r in requests[1:])
 
 
-def _run_stacked(model: LiveModel, requests: list[RequestInputs]) -> list[RequestOutcome]:
+def _run_stacked(
+    model: LiveModel, requests: list[RequestInputs], options: Any
+) -> list[RequestOutcome]:
     feeds = {
         name: np.concatenate([r.arrays[i] for r in requests], axis=0)
         for i, name in enumerate(model.input_names)
     }
-    outputs = model.session.run(model.output_names, feeds)
+    outputs = model.session.run(model.output_names, feeds, options)
     total = sum(r.rows for r in requests)
     if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
         raise ExecFailed("outputs are not batch-major; run requests one by one")
@@ -126,24 +130,26 @@ def _run_stacked(model: LiveModel, requests: list[RequestInputs]) -> list[Reques
     return results
 
 
-def _run_one(model: LiveModel, request: RequestInputs) -> RequestOutcome:
+def _run_one(model: LiveModel, request: RequestInputs, options: Any) -> RequestOutcome:
     feeds = dict(zip(model.input_names, request.arrays, strict=True))
     try:
-        return request.rid, model.session.run(model.output_names, feeds), None
+        return request.rid, model.session.run(model.output_names, feeds, options), None
     except Exception as exc:
         return request.rid, None, ExecFailed(f"the model failed while running: {str(exc)[:400]}")
 
 
-def profile(model: LiveModel, batches: list[int], runs: int = 3) -> dict[int, float]:
+def profile(
+    model: LiveModel, batches: list[int], runs: int = 3, options: Any = None
+) -> dict[int, float]:
     """Median execution microseconds per batch size, on random inputs."""
     result = {}
     for batch in batches if model.batchable else [1]:
         feeds = random_feeds(model.session, batch)
-        model.session.run(model.output_names, feeds)  # warm-up: first runs allocate
+        model.session.run(model.output_names, feeds, options)  # warm-up: first runs allocate
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            model.session.run(model.output_names, feeds)
+            model.session.run(model.output_names, feeds, options)
             times.append((time.perf_counter() - start) * 1e6)
         result[batch] = statistics.median(times)
     return result

@@ -72,7 +72,9 @@ class Worker:
         address = f"inproc://mtserve-exec-{id(self)}"
         self.results = make_socket(self.ctx, zmq.PAIR)  # from the exec thread
         self.results.bind(address)
-        self.executor = Executor(self.ctx, address, config.memory_budget, config.intra_op_threads)
+        self.executor = Executor(
+            self.ctx, address, config.memory_budget, config.intra_op_threads, config.max_run_seconds
+        )
         self.broker: zmq.Socket | None = None  # DEALER, replaced on reconnect
         self.last_heard = 0.0  # monotonic: last message from the broker
         self.last_sent = 0.0  # monotonic: last message to the broker
