@@ -40,6 +40,7 @@ from mtcore.errors import (
     ModelInvalid,
     ModelNotFound,
     MTError,
+    Overloaded,
     ShuttingDown,
     Status,
     WorkerLost,
@@ -56,6 +57,7 @@ from mtcore.protocol import (
     build,
     encode_header,
     field,
+    frame_size,
     parse_body,
     peek_cmd,
     peek_id,
@@ -72,6 +74,7 @@ TICK = 0.05  # seconds between housekeeping passes
 FRONTEND_BATCH = 32
 BACKEND_BATCH = 256
 PROFILE_TIMEOUT = 120.0  # seconds a worker may take to profile an upload
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -89,21 +92,22 @@ class Broker:
             max_header_bytes=16 * config.limits.max_header_bytes,
             max_frames=65536,
         )
-        self.frontend = self._bind(config.frontend)  # tenants (ROUTER)
-        self.backend = self._bind(config.backend)  # workers (ROUTER)
+        self.frontend = self._bind(config.frontend, self.limits.max_frame_bytes)  # tenants
+        self.backend = self._bind(config.backend, self.worker_limits.max_frame_bytes)  # workers
         self.poller = zmq.Poller()  # both sockets, for `turn`
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
         self.registry = Registry(config.state_dir)  # models: SQLite + blobs
         self.uploads = Uploads(config.state_dir / "uploads", config.max_model_bytes)
         self.pending = RequestTable()  # rid -> PendingRequest, until answered
+        self.pending_bytes = 0  # input bytes those requests hold
         self.scheduler = make_scheduler(
             config.scheduler, config.max_queue, self.pending.__contains__
         )
         self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
         self.validator = CommitValidator()  # model checks off the loop
         self.commits: list[PendingCommit] = []  # commits being validated or profiled
-        self.gc_shas: set[str] = set()  # blobs to remove once nothing uses them
+        self.gc_shas: set[str] = set(self.registry.orphans())  # blobs to remove once unused
         self.counters: Counter[str] = Counter()  # messages by command, loads, evictions
         self.answered: Counter[int] = Counter()  # tenant replies by status code
         self.by_command: Counter[Cmd] = Counter()  # tenant requests by command
@@ -123,8 +127,11 @@ class Broker:
             Cmd.STATUS: self.on_status,
         }
 
-    def _bind(self, address: str) -> zmq.Socket:
+    def _bind(self, address: str, max_frame: int) -> zmq.Socket:
         sock = make_socket(self.ctx, zmq.ROUTER)
+        # A frame far over the limit is not worth reading to answer TOO_LARGE: ZeroMQ
+        # drops that connection instead, before buffering the frame.
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * max_frame)
         sock.bind(address)
         return sock
 
@@ -187,6 +194,7 @@ class Broker:
             self.answer_error(request, error)
         abandoned = InternalError("no answer from the worker long after the deadline; abandoned")
         for _, request in self.pending.pop_expired(now):
+            self.pending_bytes -= request.nbytes
             self._reply_error(request.envelope, Cmd.INFER, request.client_id, abandoned)
         self.uploads.expire(now, self.config.upload_timeout)
         for commit in [c for c in self.commits if c.profile_action and c.profile_deadline < now]:
@@ -312,11 +320,18 @@ class Broker:
             if not 0 < budget_ms < 1e9:
                 raise BadArgument("header field 'deadline_ms' must be a positive number")
             deadline = now + budget_ms / 1e3
+        nbytes = sum(frame_size(f) for f in frames)
+        if self.pending_bytes + nbytes > self.config.max_pending_bytes:
+            raise Overloaded(
+                f"{self.pending_bytes} bytes of inputs already wait for answers; retry later"
+            )
         rid = next(self._rids)
         request = PendingRequest(
             rid, envelope, h["id"], model, plan.descs, frames, plan.batch, now, deadline
         )
+        request.nbytes = nbytes
         self.scheduler.add_request(request, now)
+        self.pending_bytes += nbytes
         give_up = min(deadline + self.config.answer_grace, now + self.config.max_request_time)
         self.pending.insert(request.rid, give_up, request)
 
@@ -371,6 +386,7 @@ class Broker:
         """Send the one answer of a request, unless it was answered already."""
         if self.pending.pop(request.rid, None) is None:
             return
+        self.pending_bytes -= request.nbytes
         header["id"] = request.client_id
         self.reply(request.envelope, Cmd.INFER, header, payload)
 
@@ -416,15 +432,19 @@ class Broker:
 
     def _publish(self, commit: PendingCommit, profile: dict[int, float] | None = None) -> None:
         record = commit.record
-        self.commits.remove(commit)
         existing = self.registry.get(record.tenant, record.name)
         if existing and not commit.upload.replace:
-            self.gc_shas.add(record.sha256)
-            raise_to = ModelExists(f"model '{record.name}' was created by a concurrent upload")
-            self._reply_error(commit.envelope, Cmd.UPLOAD_COMMIT, commit.client_id, raise_to)
+            error = ModelExists(f"model '{record.name}' was created by a concurrent upload")
+            self._fail_commit(commit, error)
             return
         record.profile = dict(profile or {})
-        old = self.registry.put(record)
+        try:
+            old = self.registry.put(record)
+        except Exception as exc:  # disk or SQLite error: fail this commit, keep serving
+            log.exception("recording %s failed", record.name)
+            self._fail_commit(commit, InternalError(f"recording the model failed: {exc}"))
+            return
+        self.commits.remove(commit)
         if old and old.sha256 != record.sha256:
             self.gc_shas.add(old.sha256)
         self.reply(
@@ -503,7 +523,7 @@ class Broker:
     def on_fetch_model(self, worker: WorkerState, msg: Message) -> None:
         sha = str(msg.header.get("sha256", ""))
         store = self.registry.store
-        if not store.has(sha):
+        if not _SHA256.fullmatch(sha) or not store.has(sha):
             self.send_worker(
                 worker.wid,
                 WCmd.FETCH_MODEL,

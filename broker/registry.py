@@ -194,6 +194,11 @@ class Registry:
         self.db.execute("DELETE FROM models WHERE tenant = ? AND name = ?", (tenant, name))
         return self.models.pop((tenant, name), None)
 
+    def orphans(self) -> list[str]:
+        """Blobs in the store that no model refers to (left by a crash or a restart)."""
+        used = {m.sha256 for m in self.models.values()}
+        return [p.stem for p in self.store.root.glob("*/*.onnx") if p.stem not in used]
+
     def sha_in_use(self, sha256: str) -> bool:
         return any(m.sha256 == sha256 for m in self.models.values())
 

@@ -37,6 +37,7 @@ class PendingRequest:
     deadline: float = math.inf  # monotonic seconds; inf when the tenant gave none
     dispatched: float = 0.0  # when it left its queue for a worker
     retries: int = 0  # times re-queued after a lost worker
+    nbytes: int = 0  # input payload bytes held until answered
 
     @property
     def stack_key(self) -> tuple[Any, ...]:

@@ -8,6 +8,7 @@ the state directory and are removed on commit, on failure, on timeout and at sta
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 import secrets
@@ -19,6 +20,7 @@ from typing import BinaryIO
 from mtcore.errors import BadArgument, QuotaExceeded, TooLarge, UploadCorrupt
 
 MAX_UPLOADS_PER_TENANT = 16
+MAX_RANGES = 4096  # disjoint pieces an upload may have at once (bounds bookkeeping)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -47,18 +49,23 @@ class Upload:
     file: BinaryIO
     ranges: list[tuple[int, int]] = field(default_factory=list)  # merged [start, end) received
     touched: float = field(default_factory=time.monotonic)  # last activity
+    received_bytes: int = 0  # bytes covered by `ranges`
 
     def received(self) -> int:
-        return sum(end - start for start, end in self.ranges)
+        return self.received_bytes
 
     def add_range(self, start: int, end: int) -> None:
-        merged: list[tuple[int, int]] = []
-        for s, e in sorted([*self.ranges, (start, end)]):
-            if merged and s <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-            else:
-                merged.append((s, e))
-        self.ranges = merged
+        """Merge [start, end) into the sorted, disjoint ranges: O(log n) to find its place."""
+        i = bisect.bisect_left(self.ranges, (start, start))
+        if i > 0 and self.ranges[i - 1][1] >= start:  # touches the range before it
+            i -= 1
+        j = i
+        while j < len(self.ranges) and self.ranges[j][0] <= end:
+            start, end = min(start, self.ranges[j][0]), max(end, self.ranges[j][1])
+            j += 1
+        covered = sum(e - s for s, e in self.ranges[i:j])
+        self.ranges[i:j] = [(start, end)]
+        self.received_bytes += (end - start) - covered
 
 
 class Uploads:
@@ -114,6 +121,12 @@ class Uploads:
         upload.file.seek(offset)
         upload.file.write(data)
         upload.add_range(offset, end)
+        if len(upload.ranges) > MAX_RANGES:
+            self.discard(upload)
+            raise UploadCorrupt(
+                f"more than {MAX_RANGES} separate pieces received; send chunks in order "
+                "(upload discarded)"
+            )
         return upload.received()
 
     def finish(self, upload: Upload) -> Path:

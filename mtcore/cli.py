@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=8)
     b.add_argument("--max-frame-mb", type=int, default=64, help="largest tenant payload frame")
     b.add_argument("--heartbeat-liveness", type=float, default=5.0)
+    b.add_argument("--max-pending-mb", type=int, default=2048, help="input bytes held, all tenants")
     b.add_argument("--profile-batches", default="1,2,4,8")
     b.set_defaults(run=cmd_broker)
 
@@ -121,6 +122,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         backend=args.backend,
         state_dir=Path(args.state_dir),
         max_batch=args.max_batch,
+        max_pending_bytes=args.max_pending_mb * MIB,
         heartbeat_liveness=args.heartbeat_liveness,
         limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),

@@ -27,6 +27,7 @@ class BrokerConfig:
     upload_timeout: float = 300.0  # an uncommitted upload is discarded after this idle time
     max_batch: int = 8  # default batch cap for models that allow batching
     max_queue: int = 10_000  # queued requests before new ones get OVERLOADED
+    max_pending_bytes: int = 2 * GIB  # input bytes held for unanswered requests: then OVERLOADED
     heartbeat_interval: float = 1.0  # broker -> worker heartbeat when idle
     heartbeat_liveness: float = 5.0  # a worker silent this long is lost
     answer_grace: float = 30.0  # an answer this late past its deadline is given up as INTERNAL

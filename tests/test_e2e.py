@@ -187,3 +187,25 @@ def test_model_churn_under_a_small_budget_answers_everything(tmp_path) -> None:
             assert worker["memory_used"] <= worker["memory_budget"]
     finally:
         cluster.stop()
+
+
+def test_held_input_bytes_are_bounded(tmp_path) -> None:
+    """No worker yet: requests wait, holding their inputs, until the byte cap says OVERLOADED."""
+    cluster = start_cluster(tmp_path, workers=0, broker_args=["--max-pending-mb", "1"])
+    try:
+        with Client(cluster.address, tenant="big") as c:
+            c.upload_model("mlp", zoo.model_bytes("mlp"))  # unprofiled: no worker to profile it
+        x = {"input": np.zeros((600, 256), np.float32)}  # 614,400 bytes each
+
+        async def main() -> list:
+            async with AsyncClient(cluster.address, tenant="big", timeout=30) as ac:
+                first = asyncio.ensure_future(ac.infer("mlp", x))
+                await asyncio.sleep(0.5)
+                with pytest.raises(MTError) as second:
+                    await ac.infer("mlp", x)
+                first.cancel()
+                return [second.value.status]
+
+        assert asyncio.run(main()) == [Status.OVERLOADED]
+    finally:
+        cluster.stop()

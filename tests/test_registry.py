@@ -10,6 +10,8 @@ from pathlib import Path
 
 import onnx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bench import zoo
@@ -636,3 +638,16 @@ def test_order_inputs_rejects_wrong_fixed_batch() -> None:
     a, b = TensorDesc("a", "float32", (2, 3)), TensorDesc("b", "int64", (2,))
     with pytest.raises(InputInvalid, match="axis 0"):
         order_inputs(model, [a, b], [_frame(a), _frame(b)])
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40)), max_size=60))
+def test_upload_ranges_match_a_byte_set(pieces: list[tuple[int, int]]) -> None:
+    """Incremental range merging agrees with counting the distinct bytes received."""
+    upload = Upload("h", "t", "m", 10**6, "0" * 64, False, None, Path("unused"), None)  # type: ignore[arg-type]
+    seen: set[int] = set()
+    for start, length in pieces:
+        upload.add_range(start, start + length)
+        seen.update(range(start, start + length))
+        assert upload.received() == len(seen)
+        ends, starts = [r[1] for r in upload.ranges[:-1]], [r[0] for r in upload.ranges[1:]]
+        assert all(e < s for e, s in zip(ends, starts, strict=True))  # disjoint and sorted
