@@ -502,16 +502,18 @@ class Broker:
             self.on_action_result(worker, msg, now)
 
     def on_worker_ready(self, wid: bytes, msg: Message, now: float) -> None:
-        old = self.workers.get(wid)
-        if old is not None:
-            self.lose_worker(old, "it registered again")
         h = msg.header
+        incarnation = str(h.get("incarnation", ""))
+        for old in list(self.workers.values()):  # the same process on a new socket, or again
+            if old.wid == wid or (incarnation and old.incarnation == incarnation):
+                self.lose_worker(old, "it registered again")
         worker = WorkerState(
             wid,
             str(h.get("name", "")),
             str(h.get("kind", "cpu")),
             int(h.get("memory_budget", 0)),
             now,
+            incarnation=incarnation,
         )
         self.workers[wid] = worker
         self.scheduler.add_worker(worker)

@@ -79,6 +79,7 @@ class WorkerState:
     loaded: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sha -> bytes, LRU first
     inflight: dict[int, Action] = field(default_factory=dict)  # id -> action awaiting result
     last_sent: float = 0.0  # monotonic time of our last message to it
+    incarnation: str = ""  # the worker process's token, the same across its reconnects
 
     def memory_used(self) -> int:
         return sum(self.loaded.values())

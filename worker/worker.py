@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import time
 from collections import OrderedDict
@@ -79,6 +80,7 @@ class Worker:
         self.last_heard = 0.0  # monotonic: last message from the broker
         self.last_sent = 0.0  # monotonic: last message to the broker
         self._stopping = False
+        self.incarnation = f"{os.getpid()}-{secrets.token_hex(8)}"  # same across reconnects
 
     def stop(self, *_: Any) -> None:
         self._stopping = True
@@ -149,6 +151,7 @@ class Worker:
                 "name": self.name,
                 "kind": self.config.kind,
                 "pid": os.getpid(),
+                "incarnation": self.incarnation,
                 "memory_budget": self.config.memory_budget,
                 "version": VERSION,
             },
