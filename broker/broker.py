@@ -192,7 +192,7 @@ class Broker:
                 f"deadline passed after {waited_ms:.1f} ms queued", Status.DEADLINE_EXPIRED
             )
             self.answer_error(request, error)
-        abandoned = InternalError("no answer from the worker long after the deadline; abandoned")
+        abandoned = InternalError("no answer from a worker in time (deadline + grace, or lifetime)")
         for _, request in self.pending.pop_expired(now):
             self.pending_bytes -= request.nbytes
             self._reply_error(request.envelope, Cmd.INFER, request.client_id, abandoned)

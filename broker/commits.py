@@ -31,7 +31,7 @@ class PendingCommit:
     future: Future[ModelSignature]
     record: ModelRecord | None = None  # set once validated
     profile_action: int = 0  # id of the PROFILE action, 0 before it is sent
-    profile_deadline: float = 0.0  # monotonic: publish unprofiled if no result by then
+    profile_deadline: float = 0.0  # monotonic: the commit fails if no profile by then
 
 
 def _check_file(path: Path, sha256: str) -> ModelSignature:
