@@ -445,6 +445,7 @@ class Broker:
             self._fail_commit(commit, InternalError(f"recording the model failed: {exc}"))
             return
         self.commits.remove(commit)
+        self.uploads.release(commit.upload)
         if old and old.sha256 != record.sha256:
             self.gc_shas.add(old.sha256)
         self.reply(
@@ -454,6 +455,7 @@ class Broker:
         )
 
     def _fail_commit(self, commit: PendingCommit, exc: MTError) -> None:
+        self.uploads.release(commit.upload)
         if commit in self.commits:
             self.commits.remove(commit)
         commit.path.unlink(missing_ok=True)

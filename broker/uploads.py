@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from mtcore.errors import BadArgument, QuotaExceeded, TooLarge, UploadCorrupt
+from mtcore.errors import BadArgument, Overloaded, QuotaExceeded, TooLarge, UploadCorrupt
 
 MAX_UPLOADS_PER_TENANT = 16
 MAX_RANGES = 4096  # disjoint pieces an upload may have at once (bounds bookkeeping)
@@ -74,7 +74,9 @@ class Uploads:
     def __init__(self, directory: Path, max_model_bytes: int) -> None:
         self.directory = directory
         self.max_model_bytes = max_model_bytes
-        self.active: dict[str, Upload] = {}  # handle -> upload
+        self.active: dict[str, Upload] = {}  # handle -> upload still receiving chunks
+        self.held: dict[str, Upload] = {}  # handle -> upload holding disk (incl. committing)
+        self.max_held_bytes = 4 * max_model_bytes  # declared bytes all held uploads may total
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob("*.part"):  # left by a previous broker: never committed
             stale.unlink(missing_ok=True)
@@ -90,10 +92,16 @@ class Uploads:
         sha256 = sha256.lower()
         if not _SHA256.fullmatch(sha256):
             raise BadArgument("header field 'sha256' must be 64 hex digits")
-        if sum(u.tenant == tenant for u in self.active.values()) >= MAX_UPLOADS_PER_TENANT:
+        if sum(u.tenant == tenant for u in self.held.values()) >= MAX_UPLOADS_PER_TENANT:
             raise QuotaExceeded(
-                f"tenant has {MAX_UPLOADS_PER_TENANT} uploads in progress; "
+                f"tenant has {MAX_UPLOADS_PER_TENANT} uploads in progress or being committed; "
                 "commit them or let them expire"
+            )
+        held = sum(u.size for u in self.held.values())
+        if held + size > self.max_held_bytes:
+            raise Overloaded(
+                f"uploads in progress already hold {held} bytes of disk (limit "
+                f"{self.max_held_bytes}); retry later"
             )
         handle = secrets.token_hex(12)
         path = self.directory / f"{handle}.part"
@@ -101,6 +109,7 @@ class Uploads:
             handle, tenant, name, size, sha256, replace, max_batch, path, path.open("wb")
         )
         self.active[handle] = upload
+        self.held[handle] = upload
         return upload
 
     def get(self, tenant: str, handle: str) -> Upload:
@@ -138,6 +147,7 @@ class Uploads:
         upload.file.close()
         got = upload.received()
         if got != upload.size:
+            self.held.pop(upload.handle, None)
             upload.path.unlink(missing_ok=True)
             raise UploadCorrupt(
                 f"upload incomplete: {got} of {upload.size} bytes received "
@@ -145,7 +155,12 @@ class Uploads:
             )
         return upload.path
 
+    def release(self, upload: Upload) -> None:
+        """The upload's commit is over (published or failed): its disk no longer counts."""
+        self.held.pop(upload.handle, None)
+
     def discard(self, upload: Upload) -> None:
+        self.held.pop(upload.handle, None)
         self.active.pop(upload.handle, None)
         upload.file.close()
         upload.path.unlink(missing_ok=True)

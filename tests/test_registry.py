@@ -29,6 +29,7 @@ from mtcore.errors import (
     BadArgument,
     InputInvalid,
     ModelInvalid,
+    Overloaded,
     QuotaExceeded,
     Status,
     TooLarge,
@@ -651,3 +652,20 @@ def test_upload_ranges_match_a_byte_set(pieces: list[tuple[int, int]]) -> None:
         assert upload.received() == len(seen)
         ends, starts = [r[1] for r in upload.ranges[:-1]], [r[0] for r in upload.ranges[1:]]
         assert all(e < s for e, s in zip(ends, starts, strict=True))  # disjoint and sorted
+
+
+def test_uploads_bound_the_disk_they_hold(tmp_path: Path) -> None:
+    """Declared bytes of uploads in progress or committing are capped; release frees them."""
+    uploads = Uploads(tmp_path / "up", max_model_bytes=100)  # may hold 4 x 100 bytes
+    held = [uploads.begin(f"t{i}", f"m{i}", 90, "a" * 64, False, None) for i in range(4)]
+    with pytest.raises(Overloaded):
+        uploads.begin("t9", "m9", 90, "a" * 64, False, None)
+    uploads.discard(held[0])
+    fifth = uploads.begin("t9", "m9", 90, "a" * 64, False, None)
+    fifth.file.write(b"x" * 90)
+    fifth.add_range(0, 90)
+    uploads.finish(fifth)  # committing: still held
+    with pytest.raises(Overloaded):
+        uploads.begin("t8", "m8", 90, "a" * 64, False, None)
+    uploads.release(fifth)
+    uploads.begin("t8", "m8", 90, "a" * 64, False, None)
