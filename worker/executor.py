@@ -100,6 +100,7 @@ class Executor(threading.Thread):
         self.threads = threads  # ONNX Runtime intra-op threads per session
         # Each counter has one writer (I/O thread, exec thread), so reading both is safe.
         self.submitted = 0  # jobs put on the queue
+        self.completed = 0  # jobs the exec thread has finished
         self.generation = 0  # current registration with the broker (I/O thread writes)
         self.max_run_s = max_run_s  # a model run longer than this is stopped
         self.watchdog = Watchdog()
@@ -107,7 +108,6 @@ class Executor(threading.Thread):
     def start(self) -> None:
         super().start()
         self.watchdog.start()
-        self.completed = 0  # jobs the exec thread has finished
 
     def put(self, job: Job) -> None:
         """Queue a job for the exec thread (called by the I/O thread only)."""
@@ -128,7 +128,7 @@ class Executor(threading.Thread):
         model = self.live.get(job.header.get("sha256", ""))
         if model is None or model.last_exec_us > INLINE_BELOW_US:
             return None
-        return self.infer(job, INLINE_LIMIT_S, requeue_if_stopped=True)
+        return self.handle(job, inline=True)
 
     def run(self) -> None:
         sock = make_socket(self.ctx, zmq.PAIR)
@@ -136,13 +136,14 @@ class Executor(threading.Thread):
         try:
             while (job := self.jobs.get()) is not STOP:
                 frames = self.handle(job)
-                self.completed += 1
                 if frames:
                     send_frames(sock, frames)
+                self.completed += 1  # after the send: an inline result cannot overtake it
         finally:
             sock.close()
 
-    def handle(self, job: Job) -> list[Any] | None:
+    def handle(self, job: Job, inline: bool = False) -> list[Any] | None:
+        """Run one job; the result frames, or None when there is nothing to send."""
         if job.generation not in (-1, self.generation):
             return None  # queued for a broker registration that no longer exists
         try:
@@ -151,6 +152,8 @@ class Executor(threading.Thread):
             if job.cmd is WCmd.UNLOAD_MODEL:
                 self.unload(job)
                 return None
+            if job.cmd is WCmd.INFER and inline:
+                return self.infer(job, INLINE_LIMIT_S, requeue_if_stopped=True)
             if job.cmd is WCmd.INFER:
                 return self.infer(job)
             if job.cmd is WCmd.PROFILE_MODEL:

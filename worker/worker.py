@@ -122,7 +122,10 @@ class Worker:
                 frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
-            handle(frames)
+            try:
+                handle(frames)
+            except Exception:  # a bug must not stop the worker's I/O loop
+                log.exception("%s: failed to handle a message", self.name)
 
     def connect(self) -> None:
         """(Re)connect to the broker and register; live models are dropped (fresh start)."""
