@@ -133,10 +133,30 @@ async def _client_infer(
     return int(reply.header.get("status", 0)), int(reply.header.get("batch", 1))
 
 
+class _RemoteTarget:
+    """What the server targets share: a temp state directory and per-loop clients."""
+
+    def __init__(self, timeout: float) -> None:
+        self.address: str | None = None
+        self._state: str | None = None  # temp directory of the server's state and logs
+        self._clients = _PerLoopClients(timeout)
+
+    def _new_state(self, prefix: str) -> str:
+        self._state = tempfile.mkdtemp(prefix=prefix)
+        return self._state
+
+    def _release(self) -> None:
+        """Close the clients and remove the state directory (the server is stopped)."""
+        self._clients.close()
+        if self._state is not None:
+            shutil.rmtree(self._state, ignore_errors=True)
+            self._state = None
+
+
 # ---------------------------------------------------------------------------- mtserve
 
 
-class MtserveTarget:
+class MtserveTarget(_RemoteTarget):
     """mtserve as an operator would run it: `LocalCluster` on loopback, models uploaded."""
 
     name = "mtserve"
@@ -158,10 +178,8 @@ class MtserveTarget:
         self.max_batch = max_batch  # broker cap and the cap asked for at upload
         self.threads = threads  # ONNX Runtime threads per worker (0: cores / workers)
         self.profile_batches = profile_batches  # fewer batch sizes: faster uploads
-        self.address: str | None = None
+        super().__init__(timeout)
         self.cluster: Any = None
-        self._state: str | None = None
-        self._clients = _PerLoopClients(timeout)
         self._sampler: Any = None  # a sync Client used only under _sample_lock
         self._sample_lock = threading.Lock()
 
@@ -170,7 +188,7 @@ class MtserveTarget:
         from mtcore.client import Client
         from mtcore.cluster import LocalCluster
 
-        self._state = tempfile.mkdtemp(prefix="mtbench-mtserve-")
+        self._new_state("mtbench-mtserve-")
         broker_args = ["--profile-batches", self.profile_batches]
         broker_args += ["--max-batch", str(self.max_batch)]
         self.cluster = LocalCluster(
@@ -214,7 +232,6 @@ class MtserveTarget:
         return ServerSample(t, int(info["loads"]), int(info["evictions"]))
 
     def stop(self) -> None:
-        self._clients.close()
         with self._sample_lock:
             if self._sampler is not None:
                 self._sampler.close()
@@ -222,15 +239,13 @@ class MtserveTarget:
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None
-        if self._state is not None:
-            shutil.rmtree(self._state, ignore_errors=True)
-            self._state = None
+        self._release()
 
 
 # ---------------------------------------------------------------------------- bare ZeroMQ
 
 
-class ZmqTarget:
+class ZmqTarget(_RemoteTarget):
     """The bare ZeroMQ server: one process, one thread, every model resident, no batching."""
 
     name = "zmq"
@@ -238,19 +253,17 @@ class ZmqTarget:
     def __init__(self, *, threads: int = 1, timeout: float = 120.0, name: str = "zmq") -> None:
         self.name = name
         self.threads = threads
-        self.address: str | None = None
+        super().__init__(timeout)
         self.server: Any = None
-        self._state: str | None = None
-        self._clients = _PerLoopClients(timeout)
 
     def start(self, models: dict[str, Path], tenants: Sequence[str] = ("bench",)) -> None:
         """Tenants are ignored: the bare server shows every model to every peer."""
         from bench.baselines.zmq_server import ZmqServerProcess
 
-        self._state = tempfile.mkdtemp(prefix="mtbench-zmq-")
+        state = self._new_state("mtbench-zmq-")
         self.server = ZmqServerProcess()
         try:
-            self.server.start(models, self.threads, self._state, timeout=300)
+            self.server.start(models, self.threads, state, timeout=300)
             self.address = self.server.address
             self._clients.address = self.address
         except BaseException:
@@ -266,13 +279,10 @@ class ZmqTarget:
         return None  # no model cache: nothing is ever loaded or evicted during a run
 
     def stop(self) -> None:
-        self._clients.close()
         if self.server is not None:
             self.server.stop()
             self.server = None
-        if self._state is not None:
-            shutil.rmtree(self._state, ignore_errors=True)
-            self._state = None
+        self._release()
 
 
 # ---------------------------------------------------------------------------- in-process
