@@ -49,9 +49,9 @@ class Job:
 
 
 STOP = Job(WCmd.DISCONNECT, {})  # sentinel: the thread exits
-INLINE_BELOW_US = 2000.0  # an INFER whose model last ran faster than this may run inline
+INLINE_BELOW_US = 50_000.0  # an INFER whose model last ran faster than this may run inline
 MAX_OUTPUT_BYTES = DEFAULT_LIMITS.max_message_bytes  # per request: what a tenant may receive
-INLINE_LIMIT_S = 0.25  # an inline run taking longer is stopped and rerun on the exec thread
+INLINE_LIMIT_S = 0.5  # an inline run taking longer is stopped and rerun on the exec thread
 UNLOAD_ALL = Job(WCmd.UNLOAD_MODEL, {"all": True})
 
 
