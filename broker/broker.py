@@ -520,6 +520,7 @@ class Broker:
         self.workers[wid] = worker
         self.scheduler.add_worker(worker)
         self.send_worker(wid, WCmd.READY, {"heartbeat_interval": self.config.heartbeat_interval})
+        self.reprofile(worker)
         log.info(
             "worker %s joined (%s, budget %d bytes)", worker.name, worker.kind, worker.memory_budget
         )
@@ -592,6 +593,9 @@ class Broker:
 
     def on_profile_result(self, action: Action, msg: Message) -> None:
         commit, _ = action.context
+        if isinstance(commit, ModelRecord):  # a model published before any worker came
+            self.on_reprofile_result(commit, msg)
+            return
         if commit not in self.commits:
             return
         if msg.header.get("status", 0) != 0:
@@ -600,6 +604,28 @@ class Broker:
             return
         profile = {int(k): float(v) for k, v in msg.header.get("profile", {}).items()}
         self._publish(commit, profile)
+
+    def reprofile(self, worker: WorkerState) -> None:
+        """Profile, on a worker that just joined, the models published without a profile."""
+        pending = {a.sha256 for w in self.workers.values() for a in w.inflight.values()
+                   if a.kind is ActionKind.PROFILE}  # fmt: skip
+        for record in list(self.registry.models.values()):
+            if record.profile or record.sha256 in pending:
+                continue
+            batches = [b for b in self.config.profile_batches if b <= record.max_batch] or [1]
+            action = Action(ActionKind.PROFILE, worker, record.sha256, context=(record, batches))
+            worker.inflight[action.id] = action
+            self.send_action(action, time.monotonic())
+            pending.add(record.sha256)
+
+    def on_reprofile_result(self, record: ModelRecord, msg: Message) -> None:
+        if msg.header.get("status", 0) != 0:
+            log.warning("profiling %s/%s failed: %s", record.tenant, record.name,
+                        msg.header.get("error"))  # fmt: skip
+            return
+        profile = {int(k): float(v) for k, v in msg.header.get("profile", {}).items()}
+        if self.registry.get(record.tenant, record.name) is record:
+            self.registry.set_profile(record, profile)
 
     def purge_lost_workers(self, now: float) -> None:
         for worker in list(self.workers.values()):

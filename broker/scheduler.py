@@ -84,7 +84,11 @@ class FifoLruScheduler(Scheduler):
                 f"model '{request.model.name}' takes about {exec_us / 1e3:.1f} ms for "
                 f"{request.batch} row(s); the deadline leaves {budget_ms:.1f} ms"
             )
-        self.queues.setdefault(request.model.sha256, deque()).append(request)
+        queue = self.queues.setdefault(request.model.sha256, deque())
+        if request.retries:
+            queue.appendleft(request)  # a retry is older than what queued behind it
+        else:
+            queue.append(request)
         self._queued += 1
         if request.deadline != math.inf:
             self.with_deadlines.add(request.model.sha256)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -207,5 +208,23 @@ def test_held_input_bytes_are_bounded(tmp_path) -> None:
                 return [second.value.status]
 
         assert asyncio.run(main()) == [Status.OVERLOADED]
+    finally:
+        cluster.stop()
+
+
+def test_model_uploaded_before_any_worker_is_profiled_when_one_joins(tmp_path) -> None:
+    cluster = start_cluster(tmp_path, workers=0)
+    try:
+        with Client(cluster.address, tenant="early") as c:
+            assert c.upload_model("mlp", zoo.model_bytes("mlp"))["profile"] == {}
+            cluster.n_workers = 1
+            cluster.start_worker("late")
+            cluster.wait_for_workers(1, timeout=60)
+            deadline = time.monotonic() + 60
+            while not c.model_info("mlp")["profile"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert set(c.model_info("mlp")["profile"]) == {"1", "2"}  # conftest's batches
+            out = c.infer("mlp", zoo.sample_inputs("mlp"))["logits"]
+            assert out.shape == (1, 10)
     finally:
         cluster.stop()
