@@ -330,6 +330,7 @@ class Broker:
             rid, envelope, h["id"], model, plan.descs, frames, plan.batch, now, deadline
         )
         request.nbytes = nbytes
+        request.wire_inputs = plan.wire
         self.scheduler.add_request(request, now)
         self.pending_bytes += nbytes
         give_up = min(deadline + self.config.answer_grace, now + self.config.max_request_time)
@@ -682,7 +683,7 @@ class Broker:
         if action.kind is ActionKind.INFER:
             header["latest"] = None if math.isinf(action.latest) else action.latest - now
             header["expected_duration"] = action.expected_duration
-            header["requests"] = [[r.rid, [d.to_wire() for d in r.inputs]] for r in action.requests]
+            header["requests"] = [[r.rid, r.wire_inputs] for r in action.requests]
             payload = [f for r in action.requests for f in r.frames]
         elif action.kind is ActionKind.PROFILE:
             header["batches"] = action.context[1]

@@ -38,6 +38,7 @@ class PendingRequest:
     dispatched: float = 0.0  # when it left its queue for a worker
     retries: int = 0  # times re-queued after a lost worker
     nbytes: int = 0  # input payload bytes held until answered
+    wire_inputs: list[Any] = field(default_factory=list)  # `inputs` as sent to workers
 
     @property
     def stack_key(self) -> tuple[Any, ...]:

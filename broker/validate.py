@@ -20,6 +20,7 @@ class InputPlan:
     descs: list[TensorDesc]  # in the model's signature order
     order: tuple[int, ...]  # for each signature input, the index of its frame
     batch: int  # rows along the batch axis
+    wire: list[Any]  # `descs` as wire lists, for the worker's INFER action
 
     def frames(self, payload: list[Any]) -> list[Any]:
         """The payload frames in signature order, after checking count and byte sizes."""
@@ -39,7 +40,7 @@ def plan_inputs(model: ModelRecord, raw: Any, limits: Limits) -> InputPlan:
     if plan is None:
         sent = parse_descs(raw, limits)
         descs, order, batch = order_inputs(model, sent, list(range(len(sent))))
-        plan = InputPlan(tuple(sent), descs, tuple(order), batch)
+        plan = InputPlan(tuple(sent), descs, tuple(order), batch, [d.to_wire() for d in descs])
         if len(model.input_plans) >= PLAN_CACHE_SIZE:
             model.input_plans.clear()
         model.input_plans[key] = plan

@@ -22,6 +22,7 @@ from mtcore.errors import ExecFailed, LoadFailed, MTError, Status
 from mtcore.protocol import (
     DEFAULT_LIMITS,
     WORKER_TAG,
+    TensorDesc,
     WCmd,
     build,
     decode_tensor,
@@ -104,6 +105,7 @@ class Executor(threading.Thread):
         self.generation = 0  # current registration with the broker (I/O thread writes)
         self.max_run_s = max_run_s  # a model run longer than this is stopped
         self.watchdog = Watchdog()
+        self._layouts: dict[str, list[TensorDesc]] = {}  # repr of descriptions -> parsed
 
     def start(self) -> None:
         super().start()
@@ -249,9 +251,19 @@ class Executor(threading.Thread):
         frames = iter(job.frames)
         batch = []
         for rid, descs in job.header["requests"]:
-            arrays = [decode_tensor(d, next(frames)) for d in parse_descs(descs)]
+            arrays = [decode_tensor(d, next(frames)) for d in self._parsed(descs)]
             batch.append(RequestInputs(rid, arrays))
         return batch
+
+    def _parsed(self, descs: list[Any]) -> list[TensorDesc]:
+        """Parsed descriptions, cached by layout: a batch repeats one layout many times."""
+        key = repr(descs)
+        parsed = self._layouts.get(key)
+        if parsed is None:
+            if len(self._layouts) >= 256:
+                self._layouts.clear()
+            parsed = self._layouts[key] = parse_descs(descs)
+        return parsed
 
     def profile(self, job: Job) -> list[Any]:
         if job.error is not None:
