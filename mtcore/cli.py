@@ -161,9 +161,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker.install_signal_handlers()
     # Defense in depth: an empty working directory, so no relative path inside a model
     # (the checks refuse external data anyway) can reach the broker's state.
+    profile_to = os.environ.get("MTSERVE_PROFILE")  # developer aid: cProfile the I/O thread
+    if profile_to:
+        profile_to = os.path.abspath(f"{profile_to}.{args.name or os.getpid()}")
     with tempfile.TemporaryDirectory(prefix="mtserve-worker-") as empty:
         os.chdir(empty)
-        worker.run()
+        if profile_to:
+            import cProfile
+
+            cProfile.runctx("worker.run()", globals(), {"worker": worker}, profile_to)
+        else:
+            worker.run()
     return 0
 
 

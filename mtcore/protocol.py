@@ -86,6 +86,9 @@ DTYPES: dict[str, np.dtype] = {
     )
 }
 _DTYPE_NAMES: dict[np.dtype, str] = {dt.newbyteorder("="): name for name, dt in DTYPES.items()}
+# dtypes whose bytes are already the wire's (native order equals little-endian here)
+_WIRE_NAMES: dict[np.dtype, str] = {dt: name for name, dt in DTYPES.items() if dt.isnative}
+SMALL_TENSOR_BYTES = 64 * 1024  # below this a tensor is copied into a bytes frame
 
 
 @dataclass(frozen=True)
@@ -343,11 +346,20 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 def encode_tensor(name: str, array: np.ndarray) -> tuple[list[Any], Any]:
-    """(wire description, frame buffer) of an array; copies only if not C-contiguous LE."""
-    wire = DTYPES[dtype_name(array.dtype)]
-    arr = np.asarray(array, dtype=wire, order="C")  # keeps 0-d scalars 0-d
-    buf = memoryview(arr).cast("B") if arr.ndim and arr.size else arr.tobytes()
-    return [name, dtype_name(wire), list(arr.shape)], buf
+    """(wire description, frame buffer) of an array; copies only if not C-contiguous LE.
+
+    Small tensors travel as bytes (one cheap copy, the fastest to send); large ones as a
+    view of the array, sent without a copy.
+    """
+    wire_name = _WIRE_NAMES.get(array.dtype)  # exact little-endian/native wire dtypes only
+    if wire_name is None or not array.flags.c_contiguous:
+        wire_name = dtype_name(array.dtype)
+        array = np.asarray(array, dtype=DTYPES[wire_name], order="C")  # keeps 0-d 0-d
+    if array.nbytes < SMALL_TENSOR_BYTES or not array.ndim:
+        buf: Any = array.tobytes()
+    else:
+        buf = memoryview(array).cast("B")
+    return [name, wire_name, list(array.shape)], buf
 
 
 def decode_tensor(desc: TensorDesc, frame: Any) -> np.ndarray:
