@@ -378,6 +378,8 @@ class Broker:
             "messages": self.counters["messages"],
             "loads": self.counters["loads"],  # LOAD actions sent to workers
             "evictions": self.counters["evictions"],  # UNLOAD actions sent to workers
+            "internal_errors": self.counters["internal_errors"],  # bugs caught by the loop
+            "worker_malformed": self.counters["worker_malformed"],  # worker messages dropped
             "answers_by_status": answered,
         }
 
