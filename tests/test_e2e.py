@@ -108,6 +108,7 @@ def test_status_reports_workers_and_models(client: Client) -> None:
     assert len(status["workers"]) == 2
     assert status["tenant_models"] >= 1
     assert any(status["answers_by_status"].values())
+    assert status["internal_errors"] == 0 and status["worker_malformed"] == 0
 
 
 def test_broker_restart_keeps_models(tmp_path) -> None:
