@@ -16,6 +16,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,10 @@ def measure_broker(requests: int, window: int, max_batch: int) -> dict[str, Any]
     return {"broker_cpu_us_per_request": spent * 1e6 / requests}
 
 
-def drive(broker: Broker, worker: FakeWorker, client: zmq.Socket, n: int, window: int) -> float:
-    """Send n requests, `window` at a time; return the CPU seconds spent in the broker."""
+def run_load(client: zmq.Socket, n: int, window: int, serve: Callable[[], float]) -> float:
+    """Send n identical INFERs, `window` in flight; `serve()` handles what is queued and
+    returns the CPU seconds it counted. Both measurements share this, so their traffic is
+    the same to the byte."""
     descs, frames = encode_tensors({"input": np.ones((1, 4), np.float32)})
     spent, answered, sent = 0.0, 0, 0
     while answered < n:
@@ -113,19 +116,36 @@ def drive(broker: Broker, worker: FakeWorker, client: zmq.Socket, n: int, window
             header = {"id": sent, "tenant": "bench", "model": "tiny", "inputs": descs}
             send_frames(client, build(TAG, Cmd.INFER, header, frames))
             sent += 1
+        spent += serve()
+        answered += collect_replies(client)
+    return spent
+
+
+def collect_replies(client: zmq.Socket) -> int:
+    """Read the replies waiting; each must be OK."""
+    count = 0
+    while True:
+        try:
+            reply = recv_frames(client, NOBLOCK)
+        except zmq.Again:
+            return count
+        header = decode_header(reply[3].buffer)
+        if header["status"] != 0:
+            raise RuntimeError(f"answered {header}")
+        count += 1
+
+
+def drive(broker: Broker, worker: FakeWorker, client: zmq.Socket, n: int, window: int) -> float:
+    """Send n requests, `window` at a time; return the CPU seconds spent in the broker."""
+
+    def serve() -> float:
         start = time.thread_time()
         broker.turn(0)
-        spent += time.thread_time() - start
+        spent = time.thread_time() - start
         worker.serve()
-        while True:
-            try:
-                reply = recv_frames(client, NOBLOCK)
-            except zmq.Again:
-                break
-            if decode_header(reply[3].buffer)["status"] != 0:
-                raise RuntimeError(f"broker answered {decode_header(reply[3].buffer)}")
-            answered += 1
-    return spent
+        return spent
+
+    return run_load(client, n, window, serve)
 
 
 def measure_echo(requests: int, window: int) -> dict[str, Any]:
@@ -135,30 +155,21 @@ def measure_echo(requests: int, window: int) -> dict[str, Any]:
     router.bind("inproc://echo")
     client = make_socket(ctx, zmq.DEALER)
     client.connect("inproc://echo")
-    descs, frames = encode_tensors({"input": np.ones((1, 4), np.float32)})
-    spent, answered, sent = 0.0, 0, 0
-    while answered < requests:
-        while sent < requests and sent - answered < window:
-            header = {"id": sent, "tenant": "bench", "model": "tiny", "inputs": descs}
-            send_frames(client, build(TAG, Cmd.INFER, header, frames))
-            sent += 1
+    descs = [["output", "float32", [1, 4]]]
+
+    def serve() -> float:
         start = time.thread_time()
         while True:
             try:
                 got = recv_frames(router, NOBLOCK)
             except zmq.Again:
-                break
+                return time.thread_time() - start
             envelope, body = split_envelope(got)
             msg = parse_body(body, TAG, Cmd)
             reply = {"id": msg.header["id"], "status": 0, "outputs": descs, "timing": {}}
             send_frames(router, [*envelope, *build(TAG, Cmd.INFER, reply, msg.payload)])
-        spent += time.thread_time() - start
-        while True:
-            try:
-                recv_frames(client, NOBLOCK)
-            except zmq.Again:
-                break
-            answered += 1
+
+    spent = run_load(client, requests, window, serve)
     router.close()
     client.close()
     ctx.term()
