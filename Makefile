@@ -10,7 +10,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd)
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd) | sysdeps
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) setup.py -q build_ext --inplace
 	touch $(STAMP)
@@ -20,7 +20,7 @@ install: $(STAMP)
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-# System packages for the example C client (examples/c/mtclient.c); a no-op when present.
+# System packages: zmq.h for ext/_frames and the example C client; a no-op when present.
 sysdeps:
 	@pkg-config --exists libzmq 2>/dev/null || apt-get install -y libzmq3-dev pkg-config \
 	  || { apt-get update && apt-get install -y libzmq3-dev pkg-config; }

@@ -35,6 +35,7 @@ from mtcore.protocol import (
     build,
     decode_header,
     encode_tensors,
+    frame_buffer,
     parse_body,
     split_envelope,
 )
@@ -129,7 +130,7 @@ def collect_replies(client: zmq.Socket) -> int:
             reply = recv_frames(client, NOBLOCK)
         except zmq.Again:
             return count
-        header = decode_header(reply[3].buffer)
+        header = decode_header(frame_buffer(reply[3]))
         if header["status"] != 0:
             raise RuntimeError(f"answered {header}")
         count += 1

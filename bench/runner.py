@@ -34,7 +34,7 @@ import zmq
 from bench.report import TIMEOUT_STATUS, RequestRecord, ServerSample
 from bench.targets import Inputs, Target
 from bench.workload import Arrival, zipf_weights
-from mtcore.protocol import TAG, Cmd, encode_header, encode_tensors
+from mtcore.protocol import TAG, Cmd, encode_header, encode_tensors, frame_bytes
 from mtcore.transport import make_socket, recv_frames, send_frames
 
 PROGRESS_EVERY_S = 0.5  # at most two progress updates a second
@@ -328,7 +328,7 @@ def _infer_template(model: str, inputs: Inputs, tenant: str | None) -> tuple[dic
 
 def _reply_status(frames: list[zmq.Frame]) -> tuple[int, int, int]:
     """(id, status, batch) of a reply, decoding only its header."""
-    header = msgpack.unpackb(frames[3].bytes, raw=False)
+    header = msgpack.unpackb(frame_bytes(frames[3]), raw=False)
     return int(header.get("id", -1)), int(header.get("status", 0)), int(header.get("batch", 1))
 
 

@@ -57,6 +57,8 @@ from mtcore.protocol import (
     build,
     encode_header,
     field,
+    frame_buffer,
+    frame_bytes,
     frame_size,
     parse_body,
     peek_cmd,
@@ -295,7 +297,7 @@ class Broker:
             raise BadArgument(
                 f"UPLOAD_CHUNK carries exactly 1 payload frame, got {len(msg.payload)}"
             )
-        data = msg.payload[0].buffer
+        data = frame_buffer(msg.payload[0])
         received = self.uploads.write_chunk(upload, field(msg.header, "offset", int), data)
         self.reply(envelope, Cmd.UPLOAD_CHUNK, {"id": msg.header["id"], "received": received})
 
@@ -487,7 +489,7 @@ class Broker:
             log.warning("dropped a malformed worker message: %s", exc)
             self.counters["worker_malformed"] += 1
             return
-        wid = envelope[0].bytes
+        wid = frame_bytes(envelope[0])
         now = time.monotonic()
         if msg.cmd is WCmd.READY:
             self.on_worker_ready(wid, msg, now)

@@ -1,49 +1,74 @@
-"""mtserve's C core: hot-path data structures in Cython, each with a pure-Python twin.
+"""mtserve's C core: hot-path code in Cython, each module with a pure-Python twin.
 
-The twin rule: every module here comes as `_NAME.pyx` (with its `.pxd`), the C
-implementation, and `_NAME_py.py`, its twin, with the same API and the same semantics,
-down to the exceptions raised. The rest of mtserve imports from this package
-(`from ext import RequestTable`), never from an implementation module, and gets:
+The twin rule: every module here comes as `_NAME.pyx` (with its `.pxd` where other C code
+needs it), the C implementation, and `_NAME_py.py`, its twin, with the same API and the
+same semantics, down to the exceptions raised. The rest of mtserve imports from this
+package (`from ext import RequestTable`), never from an implementation module, and gets:
 
 - the C implementation, normally;
 - the twin if the environment sets MTSERVE_PUREPYTHON=1 (the second run of `make test`
   does), silently;
-- the twin if the compiled module cannot be imported, with one RuntimeWarning at import.
-  Build it with `python setup.py build_ext --inplace` (or `make build`).
+- the twin if the compiled module cannot be imported (not built, or built against
+  another pyzmq), with one RuntimeWarning at import. Build it with
+  `python setup.py build_ext --inplace` (or `make build`).
 
-`USING_C` says which one was chosen. Each module's tests run against both implementations
-directly, so any difference between them is a test failure.
+`USING_C` says whether every module is the C one; `IMPLEMENTATIONS` names the module
+chosen for each. Each module's tests run against both implementations directly, so any
+difference between them is a test failure.
 
 Modules:
 - `_reqtable`: `RequestTable`, the broker's table of in-flight requests (uint64 request id
   -> deadline and value), touched twice per request.
+- `_frames`: `recv_frames` and `send_frames`, multipart messages straight on libzmq,
+  twice per message on every socket of the hot path.
+- `_codec`: `decode_header` and `encode_header`, the msgpack header of every message;
+  the twin (msgpack itself) is the reference the C path falls back to.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
+from types import ModuleType
 
-from ext._reqtable_py import RequestTable as _PyRequestTable
+__all__ = [
+    "IMPLEMENTATIONS",
+    "USING_C",
+    "RequestTable",
+    "decode_header",
+    "encode_header",
+    "recv_frames",
+    "send_frames",
+]
 
-__all__ = ["USING_C", "RequestTable"]
 
-USING_C: bool
-
-if os.environ.get("MTSERVE_PUREPYTHON") == "1":
-    RequestTable = _PyRequestTable
-    USING_C = False
-else:
+def _choose(name: str) -> ModuleType:
+    """The C module `ext.<name>`, or its twin `ext.<name>_py` (see the module docstring)."""
+    twin = importlib.import_module(f"ext.{name}_py")
+    if os.environ.get("MTSERVE_PUREPYTHON") == "1":
+        return twin
     try:
-        from ext._reqtable import RequestTable
-    except ImportError as exc:
+        return importlib.import_module(f"ext.{name}")
+    except (ImportError, ValueError) as exc:  # ValueError: built against another pyzmq
         warnings.warn(
-            f"mtserve's C core is not available ({exc}); using the slower pure-Python twins."
-            " Build it with `python setup.py build_ext --inplace`.",
+            f"mtserve's C core module {name} is not available ({exc}); using its slower"
+            " pure-Python twin. Build it with `python setup.py build_ext --inplace`.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        RequestTable = _PyRequestTable
-        USING_C = False
-    else:
-        USING_C = True
+        return twin
+
+
+_reqtable = _choose("_reqtable")
+_frames = _choose("_frames")
+_codec = _choose("_codec")
+
+RequestTable = _reqtable.RequestTable
+recv_frames = _frames.recv_frames
+send_frames = _frames.send_frames
+decode_header = _codec.decode_header
+encode_header = _codec.encode_header
+
+IMPLEMENTATIONS: dict[str, str] = {m.__name__: m.__name__ for m in (_reqtable, _frames, _codec)}
+USING_C: bool = not any(name.endswith("_py") for name in IMPLEMENTATIONS)

@@ -8,11 +8,8 @@ tests check which implementation `ext` picks.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
 import pickle
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +27,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import ext
 from ext import _reqtable_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -546,62 +542,3 @@ def test_matches_a_dict_model(table_cls: type) -> None:
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
-
-
-# -- which implementation `ext` picks -------------------------------------------------
-
-_PROBE = """
-import json, sys, warnings
-{prelude}
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    import ext
-print(json.dumps({{
-    "using_c": ext.USING_C,
-    "module": ext.RequestTable.__module__,
-    "warnings": [w.category.__name__ for w in caught],
-}}))
-"""
-
-
-def _import_ext(pure: str | None, prelude: str = "") -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MTSERVE_PUREPYTHON"}
-    if pure is not None:
-        env["MTSERVE_PUREPYTHON"] = pure
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(prelude=prelude)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(proc.stdout)
-
-
-def test_ext_is_pure_python_with_env_var() -> None:
-    got = _import_ext(pure="1")
-    assert got == {"using_c": False, "module": "ext._reqtable_py", "warnings": []}
-
-
-@pytest.mark.skipif(not C_BUILT, reason="ext._reqtable is not built")
-def test_ext_is_c_by_default() -> None:
-    for pure in (None, "0", ""):
-        got = _import_ext(pure=pure)
-        assert got == {"using_c": True, "module": "ext._reqtable", "warnings": []}
-
-
-def test_ext_falls_back_with_a_warning_when_c_is_missing() -> None:
-    block = "sys.modules['ext._reqtable'] = None  # makes importing it fail"
-    got = _import_ext(pure=None, prelude=block)
-    assert got == {"using_c": False, "module": "ext._reqtable_py", "warnings": ["RuntimeWarning"]}
-
-
-def test_ext_exports_match_this_process() -> None:
-    pure = os.environ.get("MTSERVE_PUREPYTHON") == "1"
-    assert ext.USING_C is (not pure and C_BUILT)
-    if not ext.USING_C:
-        assert ext.RequestTable is _reqtable_py.RequestTable
-    assert set(ext.__all__) == {"RequestTable", "USING_C"}

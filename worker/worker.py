@@ -28,6 +28,7 @@ from mtcore.protocol import (
     Limits,
     WCmd,
     build,
+    frame_bytes,
     parse_body,
     split_envelope,
 )
@@ -211,7 +212,7 @@ class Worker:
         jobs = self.waiting.pop(sha, [])
         data, error = None, None
         if header.get("status", 0) == 0 and len(payload) == 1:
-            data = payload[0].bytes
+            data = frame_bytes(payload[0])
             self.host.put(sha, data)
         else:
             error = LoadFailed(f"fetching the model from the broker failed: {header.get('error')}")

@@ -1,0 +1,56 @@
+"""Pure-Python twin of `ext._frames`: the same framing rules through pyzmq's Cython layer.
+
+pyzmq's `send_multipart`/`recv_multipart` sugar costs about 20 us per six-frame message
+(enum flag arithmetic, a `getsockopt(RCVMORE)` per frame); these loops call the backend's
+`send`/`recv` directly with integer flags and follow `Frame.more`. Received frames follow
+the C version's rule: under RECV_COPY_BELOW bytes they become `bytes`, larger ones stay
+`zmq.Frame`s. Small `bytes` are copied when sent; received `zmq.Frame`s and large
+buffers go zero-copy, so tensor payloads are forwarded without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+RECV_COPY_BELOW = 2048  # bytes: smaller received frames become bytes
+SEND_COPY_BELOW = 64 * 1024  # bytes: smaller frames are copied into the message
+
+_SNDMORE = int(zmq.SNDMORE)
+_send = zmq.backend.Socket.send  # the Cython method under pyzmq's sugar
+_recv = zmq.backend.Socket.recv
+_Frame = zmq.backend.Frame
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
+    """Receive one multipart message: small frames as bytes, large as zmq.Frame.
+
+    Raises zmq.Again if `flags` has NOBLOCK and nothing is waiting.
+    """
+    if sock.closed:
+        raise zmq.ZMQError(zmq.ENOTSOCK)
+    frames: list[Any] = []
+    more = True
+    while more:
+        frame = _recv(sock, flags, False)
+        flags = 0  # the rest of a message arrives with its first frame
+        more = frame.more
+        frames.append(frame.bytes if len(frame) < RECV_COPY_BELOW else frame)
+    return frames
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """Send one multipart message: bytes, zmq.Frame or any buffer per frame."""
+    if sock.closed:
+        raise zmq.ZMQError(zmq.ENOTSOCK)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        if isinstance(frame, _Frame):
+            copy = False  # already a libzmq message: forwarded without a copy
+        elif type(frame) is bytes:
+            copy = len(frame) < SEND_COPY_BELOW
+        else:
+            copy = memoryview(frame).nbytes < SEND_COPY_BELOW
+        _send(sock, frame, _SNDMORE if i < last else 0, copy)

@@ -1,0 +1,120 @@
+"""ext._frames (C, straight on libzmq) and its twin, held to one spec over real sockets."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import zmq
+
+from ext import _frames_py
+from mtcore.transport import NOBLOCK, make_socket
+
+C_BUILT = importlib.util.find_spec("ext._frames") is not None
+SMALL = _frames_py.RECV_COPY_BELOW
+
+
+@pytest.fixture(params=["c", "py"])
+def impl(request: pytest.FixtureRequest):
+    if request.param == "py":
+        return _frames_py
+    if not C_BUILT:
+        pytest.skip("ext._frames is not built: python setup.py build_ext --inplace")
+    from ext import _frames
+
+    return _frames
+
+
+@pytest.fixture
+def pair():
+    ctx = zmq.Context()
+    router = make_socket(ctx, zmq.ROUTER)
+    router.bind("inproc://frames")
+    dealer = make_socket(ctx, zmq.DEALER)
+    dealer.connect("inproc://frames")
+    yield router, dealer
+    router.close()
+    dealer.close()
+    ctx.term()
+
+
+def _content(frame) -> bytes:
+    return frame if type(frame) is bytes else frame.bytes
+
+
+def test_the_twins_share_their_thresholds(impl) -> None:
+    assert impl.RECV_COPY_BELOW == _frames_py.RECV_COPY_BELOW
+    assert impl.SEND_COPY_BELOW == _frames_py.SEND_COPY_BELOW
+
+
+def test_small_frames_arrive_as_bytes_and_large_as_zmq_frames(impl, pair) -> None:
+    router, dealer = pair
+    sent = [b"", b"x", b"s" * (SMALL - 1), b"L" * SMALL, b"M" * (1 << 20)]
+    impl.send_frames(dealer, sent)
+    got = impl.recv_frames(router)
+    assert len(got) == 1 + len(sent)  # the routing id comes first
+    assert type(got[0]) is bytes and len(got[0]) > 0
+    body = got[1:]
+    assert [type(f) is bytes for f in body] == [True, True, True, False, False]
+    assert all(isinstance(f, zmq.Frame) for f in body[3:])
+    assert [_content(f) for f in body] == sent
+
+
+def test_received_frames_forward_intact_and_route_back(impl, pair) -> None:
+    router, dealer = pair
+    big = np.arange(100_000, dtype=np.float32)
+    impl.send_frames(dealer, [b"", b"head", memoryview(big).cast("B")])
+    got = impl.recv_frames(router)
+    impl.send_frames(router, got)  # routing id (bytes) + a zmq.Frame forwarded as is
+    back = impl.recv_frames(dealer)
+    assert _content(back[1]) == b"head"
+    assert np.array_equal(np.frombuffer(_content(back[2]), np.float32), big)
+
+
+def test_buffers_of_every_kind_are_sent(impl, pair) -> None:
+    router, dealer = pair
+    arr = np.arange(10, dtype=np.int64)
+    frames = [
+        b"",
+        bytearray(b"ba"),
+        memoryview(b"mv"),
+        arr,
+        b"B" * (_frames_py.SEND_COPY_BELOW + 1),
+    ]
+    impl.send_frames(dealer, frames)
+    got = [_content(f) for f in impl.recv_frames(router)[1:]]
+    assert got == [b"", b"ba", b"mv", arr.tobytes(), frames[-1]]
+
+
+def test_noblock_on_an_empty_socket_raises_again(impl, pair) -> None:
+    router, _ = pair
+    with pytest.raises(zmq.Again):
+        impl.recv_frames(router, NOBLOCK)
+
+
+def test_messages_keep_their_boundaries(impl, pair) -> None:
+    router, dealer = pair
+    for i in range(50):
+        impl.send_frames(dealer, [b"", str(i).encode(), b"y" * i])
+    for i in range(50):
+        got = impl.recv_frames(router, NOBLOCK if i else 0)
+        assert [_content(f) for f in got[1:]] == [b"", str(i).encode(), b"y" * i]
+    with pytest.raises(zmq.Again):
+        impl.recv_frames(router, NOBLOCK)
+
+
+def test_a_closed_socket_raises_zmq_error(impl) -> None:
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.DEALER)
+    sock.close()
+    with pytest.raises(zmq.ZMQError):
+        impl.recv_frames(sock, NOBLOCK)
+    with pytest.raises(zmq.ZMQError):
+        impl.send_frames(sock, [b"x"])
+    ctx.term()
+
+
+def test_a_non_socket_is_refused(impl) -> None:
+    with pytest.raises((TypeError, AttributeError)):
+        impl.recv_frames(object())
