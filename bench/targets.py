@@ -171,8 +171,10 @@ class MtserveTarget(_RemoteTarget):
         profile_batches: str = "1",
         timeout: float = 120.0,
         name: str = "mtserve",
+        spin_us: int = 0,
     ) -> None:
         self.name = name
+        self.spin_us = spin_us  # busy-poll window of broker and workers (--spin-us)
         self.workers = workers
         self.memory_mb = memory_mb  # each worker's budget for live models
         self.max_batch = max_batch  # broker cap and the cap asked for at upload
@@ -190,13 +192,14 @@ class MtserveTarget(_RemoteTarget):
 
         self._new_state("mtbench-mtserve-")
         broker_args = ["--profile-batches", self.profile_batches]
-        broker_args += ["--max-batch", str(self.max_batch)]
+        broker_args += ["--max-batch", str(self.max_batch), "--spin-us", str(self.spin_us)]
         self.cluster = LocalCluster(
             self._state,
             workers=self.workers,
             memory_mb=self.memory_mb,
             threads=self.threads,
             broker_args=broker_args,
+            worker_args=["--spin-us", str(self.spin_us)],
         )
         try:
             self.cluster.start()

@@ -117,6 +117,10 @@ class Broker:
         self._rids = itertools.count(secrets.randbits(40) << 16)  # request ids (random start)
         self._next_tick = 0.0
         self._stopping = False
+        # Busy-polling after a message saves the wake-up of a sleeping thread on the
+        # answer that usually follows (a worker's result, a tenant's next request).
+        self._spin_s = config.spin_us / 1e6
+        self._spin_until = 0.0
         self.handlers: dict[Cmd, Callable[[list[Any], Message, str], None]] = {
             Cmd.PING: self.on_ping,
             Cmd.UPLOAD_BEGIN: self.on_upload_begin,
@@ -144,15 +148,21 @@ class Broker:
         log.info(
             "broker serving tenants on %s, workers on %s", self.config.frontend, self.config.backend
         )
+        idle_ms = TICK * 1000
         try:
             while not self._stopping:
-                self.turn(5 if self.commits else TICK * 1000)
+                if self._spin_until > time.monotonic():
+                    self.turn(0)  # busy-poll: the next message is likely close
+                else:
+                    self.turn(5 if self.commits else idle_ms)
         finally:
             self.shutdown()
 
     def turn(self, timeout_ms: float) -> None:
         """One pass of the loop: wait for messages, handle them, housekeeping, dispatch."""
         events = dict(self.poller.poll(timeout_ms))
+        if events and self._spin_s:
+            self._spin_until = time.monotonic() + self._spin_s
         if self.backend in events:
             self._drain(self.backend, self.on_worker_message, BACKEND_BATCH)
         if self.frontend in events:

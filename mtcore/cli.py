@@ -57,6 +57,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--heartbeat-liveness", type=float, default=5.0)
     b.add_argument("--max-pending-mb", type=int, default=2048, help="input bytes held, all tenants")
     b.add_argument("--profile-batches", default="1,2,4,8")
+    b.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        help="busy-poll this long after each message: lower latency, more CPU",
+    )
     b.set_defaults(run=cmd_broker)
 
     w = sub.add_parser("worker", help="run one worker")
@@ -65,6 +71,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--memory-mb", type=int, default=1024)
     w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     w.add_argument("--max-run-s", type=float, default=60.0, help="stop a model run after this")
+    w.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        help="busy-poll this long after each message: lower latency, more CPU",
+    )
     w.set_defaults(run=cmd_worker)
 
     for name, fn, text in (
@@ -126,6 +138,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         heartbeat_liveness=args.heartbeat_liveness,
         limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
+        spin_us=args.spin_us,
     )
     broker = Broker(config)
     broker.install_signal_handlers()
@@ -156,6 +169,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         memory_budget=args.memory_mb * MIB,
         intra_op_threads=args.threads,
         max_run_seconds=args.max_run_s,
+        spin_us=args.spin_us,
     )
     worker = Worker(config)
     worker.install_signal_handlers()

@@ -34,6 +34,7 @@ class BrokerConfig:
     max_request_time: float = 600.0  # the same for a request without a deadline
     scheduler: str = "fifo"  # scheduler implementation (see broker.scheduler.make_scheduler)
     profile_batches: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes measured at upload
+    spin_us: int = 0  # busy-poll this long after each message before sleeping (latency vs CPU)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -51,3 +52,4 @@ class WorkerConfig:
     heartbeat_liveness: float = 5.0  # broker silent this long: reconnect
     kind: str = "cpu"  # backend kind reported to the broker
     max_run_seconds: float = 60.0  # a model run (or profile) longer than this is stopped
+    spin_us: int = 0  # busy-poll this long after each message before sleeping (latency vs CPU)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -229,3 +230,35 @@ def test_model_uploaded_before_any_worker_is_profiled_when_one_joins(tmp_path) -
             assert out.shape == (1, 10)
     finally:
         cluster.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (from /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_busy_poll_answers_correctly_and_sleeps_when_idle(tmp_path) -> None:
+    """--spin-us on broker and worker: same answers, and the spinning stops when idle."""
+    spin = ["--spin-us", "20000"]
+    c = start_cluster(tmp_path, broker_args=["--profile-batches", "1", *spin], worker_args=spin)
+    try:
+        with Client(c.address, tenant="spin", timeout=60) as client:
+            client.upload_model("mlp", zoo.model_bytes("mlp"))
+            session = ort.InferenceSession(
+                zoo.model_bytes("mlp"), providers=["CPUExecutionProvider"]
+            )
+            for seed in range(20):
+                inputs = zoo.sample_inputs("mlp", 1, seed=seed)
+                got = client.infer("mlp", inputs)
+                want = session.run(None, inputs)
+                assert np.allclose(got["logits"], want[0], rtol=1e-5)
+        time.sleep(0.5)  # well past the 20 ms window
+        pids = [c.broker.pid, *(w.pid for w in c.workers)]
+        before = [_cpu_seconds(pid) for pid in pids]
+        time.sleep(2.0)
+        used = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+        assert all(u < 0.5 for u in used), used  # spinning through 2 s would use ~2 s
+    finally:
+        c.stop()

@@ -210,10 +210,12 @@ def test_cli_run_closed_loop_and_trace(tmp_path: Path) -> None:
 def test_compare_tiny_latency_quick(tmp_path: Path) -> None:
     assert cli.main(["compare", "tiny-latency", "--quick", "--out", str(tmp_path)]) == 0
     doc = report.read_json(tmp_path / "tiny-latency.json")
-    assert set(doc["targets"]) == {"mtserve", "zmq", "inprocess"}
-    assert set(doc["ratios"]) == {"zmq", "inprocess"}
+    assert set(doc["targets"]) == {"mtserve", "mtserve-spin", "zmq", "inprocess"}
+    assert set(doc["ratios"]) == {"mtserve-spin", "zmq", "inprocess"}
     assert doc["ratios"]["zmq"]["p50"] is not None
     assert doc["config"]["goal"]["metric"] == "p50 mtserve / zmq"
+    assert doc["config"]["goal_spin"]["metric"] == "p50 mtserve --spin-us 1000 / zmq"
+    assert doc["config"]["goal_spin"]["value"] is not None
     assert {f"tiny-latency_{p}" for p in PNGS} <= {p.name for p in tmp_path.iterdir()}
 
 

@@ -81,6 +81,8 @@ class Worker:
         self.last_heard = 0.0  # monotonic: last message from the broker
         self.last_sent = 0.0  # monotonic: last message to the broker
         self._stopping = False
+        self.poller = zmq.Poller()  # broker and results, rebuilt on reconnect
+        self._spin_until = 0.0  # busy-poll until then (config.spin_us after a message)
         self.incarnation = f"{os.getpid()}-{secrets.token_hex(8)}"  # same across reconnects
 
     def stop(self, *_: Any) -> None:
@@ -100,10 +102,11 @@ class Worker:
             self.close()
 
     def serve_once(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.broker, zmq.POLLIN)
-        poller.register(self.results, zmq.POLLIN)
-        events = dict(poller.poll(int(self.config.heartbeat_interval * 500)))
+        now = time.monotonic()
+        timeout = 0 if now < self._spin_until else int(self.config.heartbeat_interval * 500)
+        events = dict(self.poller.poll(timeout))
+        if events and self.config.spin_us:
+            self._spin_until = time.monotonic() + self.config.spin_us / 1e6
         if self.results in events:
             self._drain(self.results, self.forward_result)
         if self.broker in events:
@@ -135,6 +138,9 @@ class Worker:
             self.forget_broker_state()
         self.broker = make_socket(self.ctx, zmq.DEALER)
         self.broker.connect(self.config.backend)
+        self.poller = zmq.Poller()
+        self.poller.register(self.broker, zmq.POLLIN)
+        self.poller.register(self.results, zmq.POLLIN)
         self.register()
 
     def forget_broker_state(self) -> None:
