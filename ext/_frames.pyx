@@ -129,7 +129,11 @@ cdef object _recv_one(void *handle, int flags, bint *more):
         if err != EINTR:
             _msg_close(&msg)
             _raise_zmq(err)
-        PyErr_CheckSignals()  # raises (after closing below) if a handler raised
+        try:
+            PyErr_CheckSignals()  # a signal handler may raise (KeyboardInterrupt)
+        except BaseException:
+            _msg_close(&msg)
+            raise
     more[0] = _msg_more(&msg) != 0
     size = _msg_size(&msg)
     if <Py_ssize_t>size < _recv_copy_below:

@@ -118,3 +118,25 @@ def test_a_closed_socket_raises_zmq_error(impl) -> None:
 def test_a_non_socket_is_refused(impl) -> None:
     with pytest.raises((TypeError, AttributeError)):
         impl.recv_frames(object())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_signal_handler_interrupts_a_blocking_receive(impl, pair) -> None:
+    import signal
+
+    router, _ = pair
+
+    def handler(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(_Interrupted):
+            impl.recv_frames(router)  # blocks: nothing was sent
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
