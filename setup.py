@@ -19,8 +19,9 @@ try:
     import zmq
 
     ZMQ_INCLUDES = zmq.get_includes()
+    PYZMQ_VERSION = zmq.__version__
 except ImportError:
-    ZMQ_INCLUDES = []
+    ZMQ_INCLUDES, PYZMQ_VERSION = [], ""
 
 EXTENSIONS = [
     Extension("ext._reqtable", ["ext/_reqtable.pyx"], extra_compile_args=["-O3"]),
@@ -32,6 +33,7 @@ if HAVE_ZMQ_H and ZMQ_INCLUDES:
             "ext._frames",
             ["ext/_frames.pyx"],
             include_dirs=ZMQ_INCLUDES,
+            define_macros=[("MTSERVE_PYZMQ_VERSION", f'"{PYZMQ_VERSION}"')],
             libraries=["dl"],
             extra_compile_args=["-O3"],
         )

@@ -12,8 +12,10 @@ anything else to pyzmq's own zero-copy send.
 
 libzmq's functions are looked up at import in the very library pyzmq loaded (found in
 /proc/self/maps), never linked: two copies of libzmq in one process would each see the
-other's sockets as garbage. If that lookup fails the import fails, and `ext` falls back
-to the twin, `_frames_py`.
+other's sockets as garbage. This module reads pyzmq's Frame and Socket structs, so it
+refuses to load under another pyzmq version than the one it was built against. If the
+lookup fails or the version differs the import fails, and `ext` falls back to the twin,
+`_frames_py`, with a warning.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -26,6 +28,13 @@ from zmq.backend.cython.libzmq cimport zmq_msg_t
 
 import zmq
 import zmq.backend.cython._zmq as _pyzmq_backend
+
+cdef extern from *:
+    const char *BUILT_PYZMQ "MTSERVE_PYZMQ_VERSION"  # set by setup.py
+
+BUILT_AGAINST = BUILT_PYZMQ.decode()
+if zmq.__version__ != BUILT_AGAINST:
+    raise ImportError(f"built against pyzmq {BUILT_AGAINST}, running {zmq.__version__}: rebuild")
 
 _SugarFrame = zmq.Frame  # what pyzmq's own recv returns (a subclass of Frame)
 

@@ -80,3 +80,12 @@ def test_ext_exports_match_this_process() -> None:
                                 "encode_header", "recv_frames", "send_frames"}  # fmt: skip
     if pure:
         assert all(name.endswith("_py") for name in ext.IMPLEMENTATIONS)
+
+
+@pytest.mark.skipif(not BUILT["_frames"], reason="ext._frames is not built")
+def test_frames_refuses_another_pyzmq_than_it_was_built_against() -> None:
+    """It reads pyzmq's structs: under another pyzmq version the twin must take over."""
+    got = _import_ext(pure=None, prelude="import zmq; zmq.__version__ = '0.0.0'")
+    assert "ext._frames_py" in got["modules"]
+    assert "ext._reqtable" in got["modules"]  # the other modules are unaffected
+    assert got["warnings"] == ["RuntimeWarning"]
