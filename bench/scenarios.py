@@ -154,7 +154,7 @@ def finish(doc: dict[str, Any], scenario: str, out_dir: Path) -> dict[str, Any]:
         g = doc["config"].get(key)
         if g:
             value = fmt_value(g["value"])
-            verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+            verdict = {True: "met", False: "NOT met"}.get(g["met"], "reported")
             print(f"goal: {g['metric']} = {value} (goal {g['goal']}): {verdict}")
     print(f"wrote {path} and {scenario}_*.png")
     return doc

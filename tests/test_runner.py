@@ -223,3 +223,12 @@ def test_memory_budget_holds_exactly_m_models() -> None:
     size = 14_179_237  # mobilenetv2
     mb = memory_mb_for(8, size)
     assert 8 * size <= mb * (1 << 20) < 9 * size
+
+
+def test_hops_floor_measures_both_shapes_in_one_run() -> None:
+    from bench import bench_hops
+
+    row = bench_hops.measure(requests=50, rounds=2)
+    assert len(row["rounds_direct_us"]) == len(row["rounds_relayed_us"]) == 2
+    assert row["direct_p50_us"] > 0 and row["relayed_p50_us"] > 0
+    assert row["ratio"] == round(row["relayed_p50_us"] / row["direct_p50_us"], 2)
