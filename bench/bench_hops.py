@@ -24,7 +24,6 @@ import zmq
 from mtcore.transport import make_socket, recv_frames, send_frames
 
 RESULTS = Path(__file__).parent / "results"
-PAYLOAD = b"x" * 64
 
 
 LOOPBACK = "tcp://127.0.0.1:*"  # each process binds a free port and reports it
@@ -70,18 +69,19 @@ def relay(bound: Any, back: str) -> None:
     ctx.term()
 
 
-def round_trips(sock: zmq.Socket, n: int) -> float:
+def round_trips(sock: zmq.Socket, n: int, payload: bytes) -> float:
     """Median round trip in microseconds of n requests, one in flight."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        send_frames(sock, [PAYLOAD])
+        send_frames(sock, [payload])
         recv_frames(sock)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
 
 
-def measure(requests: int, rounds: int) -> dict[str, Any]:
+def measure(requests: int, rounds: int, payload_bytes: int = 64) -> dict[str, Any]:
+    payload = b"x" * payload_bytes  # sent both ways: request and echo
     bound: Any = mp.Queue()
     procs = []
     ports = {}
@@ -101,12 +101,12 @@ def measure(requests: int, rounds: int) -> dict[str, Any]:
         socks[name].connect(ports[name])
     try:
         for sock in socks.values():
-            round_trips(sock, 100)  # connect and warm up
+            round_trips(sock, 100, payload)  # connect and warm up
         medians: dict[str, list[float]] = {"direct": [], "relayed": []}
         for r in range(rounds):
             order = ("direct", "relayed") if r % 2 == 0 else ("relayed", "direct")
             for name in order:
-                medians[name].append(round_trips(socks[name], requests))
+                medians[name].append(round_trips(socks[name], requests, payload))
         for sock in socks.values():
             send_frames(sock, [b"stop"])
     finally:
@@ -122,6 +122,7 @@ def measure(requests: int, rounds: int) -> dict[str, Any]:
     return {
         "requests": requests,
         "rounds": rounds,
+        "payload_bytes": payload_bytes,
         "direct_p50_us": round(direct, 1),
         "relayed_p50_us": round(relayed, 1),
         "ratio": round(relayed / direct, 2),
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--payload-bytes", type=int, default=64, help="602112: a ResNet-18 input")
     args = p.parse_args(argv)
-    row = measure(args.requests, args.rounds)
+    row = measure(args.requests, args.rounds, args.payload_bytes)
     print(f"{'':34} {'p50 us':>8}")
     print(f"{'direct (client -> echo)':34} {row['direct_p50_us']:>8.1f}")
     print(f"{'relayed (client -> relay -> echo)':34} {row['relayed_p50_us']:>8.1f}")
