@@ -172,34 +172,33 @@ def recv_frames(Socket sock, int flags=0):
     return frames
 
 
+cdef int _send_msg(zmq_msg_t *msg, void *handle, int flags) except -1:
+    """Send a message (libzmq then owns it); on failure close it and raise."""
+    cdef int rc
+    with nogil:
+        rc = _msg_send(msg, handle, flags)
+    if rc < 0:
+        _msg_close(msg)
+        _raise_zmq(_errno())
+    return 0
+
+
 cdef int _send_bytes(void *handle, bytes data, int flags) except -1:
     cdef zmq_msg_t msg
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
-    cdef int rc
     if _msg_init_size(&msg, size) != 0:
         _raise_zmq(_errno())
     memcpy(_msg_data(&msg), PyBytes_AS_STRING(data), size)
-    with nogil:
-        rc = _msg_send(&msg, handle, flags)
-    if rc < 0:
-        _msg_close(&msg)
-        _raise_zmq(_errno())
-    return 0
+    return _send_msg(&msg, handle, flags)
 
 
 cdef int _send_frame(void *handle, Frame frame, int flags) except -1:
     cdef zmq_msg_t msg
-    cdef int rc
     _msg_init(&msg)
     if _msg_copy(&msg, &frame.zmq_msg) != 0:  # shares the buffer: no copy
         _msg_close(&msg)
         _raise_zmq(_errno())
-    with nogil:
-        rc = _msg_send(&msg, handle, flags)
-    if rc < 0:
-        _msg_close(&msg)
-        _raise_zmq(_errno())
-    return 0
+    return _send_msg(&msg, handle, flags)
 
 
 def send_frames(Socket sock, frames):
