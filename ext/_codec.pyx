@@ -26,10 +26,11 @@ DEF MAX_DEPTH = 32  # deeper headers go to the twin
 
 
 class _Fallback(Exception):
-    """Not a shape this path decodes or encodes: ask the twin."""
+    """Not a shape this path decodes or encodes: ask the twin.
 
-
-cdef object FALLBACK = _Fallback()
+    Raised fresh each time (never one shared instance, whose traceback would grow
+    with every raise and never be freed).
+    """
 
 # ------------------------------------------------------------------ decoding
 
@@ -49,7 +50,7 @@ cdef class _Reader:
 
     cdef inline const uint8_t *take(self, Py_ssize_t k) except NULL:
         if k > self.n - self.pos:
-            raise FALLBACK  # truncated
+            raise _Fallback()  # truncated
         cdef const uint8_t *at = self.p + self.pos
         self.pos += k
         return at
@@ -110,18 +111,18 @@ cdef class _Reader:
         if b == 0xDE or b == 0xDF:
             width = 2 if b == 0xDE else 4
             return self.map(<Py_ssize_t>_be(self.take(width), width), depth)
-        raise FALLBACK  # ext types and the unused byte
+        raise _Fallback()  # ext types and the unused byte
 
     cdef object text(self, Py_ssize_t size):
         cdef const uint8_t *q = self.take(size)
         try:
             return PyUnicode_DecodeUTF8(<const char *>q, size, NULL)
         except UnicodeDecodeError:
-            raise FALLBACK
+            raise _Fallback()
 
     cdef list array(self, Py_ssize_t count, int depth):
         if depth >= MAX_DEPTH or count > self.n - self.pos:
-            raise FALLBACK  # too deep, or more items than bytes left
+            raise _Fallback()  # too deep, or more items than bytes left
         cdef list items = []
         cdef Py_ssize_t i
         for i in range(count):
@@ -130,14 +131,14 @@ cdef class _Reader:
 
     cdef dict map(self, Py_ssize_t count, int depth):
         if depth >= MAX_DEPTH or count > self.n - self.pos:
-            raise FALLBACK
+            raise _Fallback()
         cdef dict items = {}
         cdef Py_ssize_t i
         cdef uint8_t b
         for i in range(count):
             b = self.p[self.pos] if self.pos < self.n else 0
             if not (0xA0 <= b <= 0xBF or 0xD9 <= b <= 0xDB):
-                raise FALLBACK  # keys other than strings: the twin decides
+                raise _Fallback()  # keys other than strings: the twin decides
             key = self.value(depth + 1)
             items[key] = self.value(depth + 1)
         return items
@@ -149,7 +150,9 @@ def decode_header(data, Py_ssize_t max_header_bytes):
     if type(data) is bytes:  # small frames arrive as bytes: no buffer request needed
         return _decode(<const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
                        data, max_header_bytes)
-    if PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) != 0:
+    try:
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    except (TypeError, BufferError):  # not a buffer, or not a contiguous one
         return _codec_py.decode_header(data, max_header_bytes)
     try:
         return _decode(<const uint8_t *>view.buf, view.len, data, max_header_bytes)
@@ -207,7 +210,7 @@ cdef class _Writer:
         elif n <= 0xFFFFFFFF:
             self.put_be(tag32, n, 4)
         else:
-            raise FALLBACK
+            raise _Fallback()
         return 0
 
     cdef int put_bytes(self, const char *data, Py_ssize_t size) except -1:
@@ -221,9 +224,9 @@ cdef class _Writer:
             try:
                 self.put_be(0xCF, PyLong_AsUnsignedLongLong(obj), 8)
             except OverflowError:
-                raise FALLBACK
+                raise _Fallback()
         elif overflow < 0:
-            raise FALLBACK
+            raise _Fallback()
         elif 0 <= v < 0x80:
             self.room(1)[0] = <uint8_t>v
         elif -32 <= v < 0:
@@ -253,7 +256,7 @@ cdef class _Writer:
         cdef double d
         cdef uint64_t bits
         if depth >= MAX_DEPTH:
-            raise FALLBACK
+            raise _Fallback()
         if obj is None:
             self.room(1)[0] = 0xC0
         elif obj is True:
@@ -266,7 +269,7 @@ cdef class _Writer:
             try:
                 utf8 = PyUnicode_AsUTF8AndSize(obj, &size)
             except UnicodeEncodeError:
-                raise FALLBACK  # lone surrogates: msgpack's own error
+                raise _Fallback()  # lone surrogates: msgpack's own error
             self.put_head(size, 0xA0, 31, 0xD9, 0xDA, 0xDB)
             self.put_bytes(utf8, size)
         elif isinstance(obj, float):
@@ -287,7 +290,7 @@ cdef class _Writer:
             self.put_head(size, 0, -1, 0xC4, 0xC5, 0xC6)
             self.put_bytes(<const char *>(<bytes>obj), size)
         else:
-            raise FALLBACK  # other types: msgpack's own rules and errors
+            raise _Fallback()  # other types: msgpack's own rules and errors
         return 0
 
 

@@ -10,8 +10,8 @@ zero-copy. Sending copies small `bytes` into a fresh message, shares a received
 `zmq.Frame`'s buffer with `zmq_msg_copy` (a reference count, no copy), and hands
 anything else to pyzmq's own zero-copy send.
 
-libzmq's functions are looked up at import in the very library pyzmq loaded (found in
-/proc/self/maps), never linked: two copies of libzmq in one process would each see the
+libzmq's functions are looked up at import through pyzmq's own extension module (so in
+the very libzmq pyzmq uses), never linked: two copies of libzmq in one process would each see the
 other's sockets as garbage. This module reads pyzmq's Frame and Socket structs, so it
 refuses to load under another pyzmq version than the one it was built against. If the
 lookup fails or the version differs the import fails, and `ext` falls back to the twin,
@@ -73,16 +73,6 @@ cdef msg_fn _msg_more
 cdef errno_fn _errno
 
 
-def _libzmq_path():
-    """The file of the libzmq pyzmq uses: a loaded libzmq*.so, else pyzmq's own backend."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.rstrip("\n").partition("/")[2]
-            if path and "libzmq" in path.rpartition("/")[2]:
-                return "/" + path
-    return _pyzmq_backend.__file__  # libzmq linked statically into pyzmq
-
-
 cdef void *_symbol(void *lib, bytes name) except NULL:
     cdef void *fn = dlsym(lib, name)
     if fn == NULL:
@@ -93,10 +83,12 @@ cdef void *_symbol(void *lib, bytes name) except NULL:
 cdef _bind_libzmq():
     global _msg_init, _msg_init_size, _msg_recv, _msg_send, _msg_close, _msg_copy
     global _msg_move, _msg_data, _msg_size, _msg_more, _errno
-    path = _libzmq_path().encode()
+    # pyzmq's own extension: dlsym through its handle searches it, then the libraries it
+    # links, so this finds the libzmq pyzmq uses even when another one is loaded too.
+    path = _pyzmq_backend.__file__.encode()
     cdef void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD)
     if lib == NULL:
-        raise ImportError(f"libzmq is not loaded from {path!r}")
+        raise ImportError(f"pyzmq's backend is not loaded from {path!r}")
     _msg_init = <msg_fn>_symbol(lib, b"zmq_msg_init")
     _msg_init_size = <msg_size_fn>_symbol(lib, b"zmq_msg_init_size")
     _msg_recv = <msg_io_fn>_symbol(lib, b"zmq_msg_recv")
@@ -113,10 +105,26 @@ cdef _bind_libzmq():
 _bind_libzmq()
 
 
+_ETERM = int(zmq.ETERM)
+
+
 cdef int _raise_zmq(int err) except -1:
+    """pyzmq's exception for an errno: Again, ContextTerminated, else ZMQError."""
     if err == EAGAIN:
         raise zmq.Again(err)
+    if err == _ETERM:
+        raise zmq.ContextTerminated(err)
     raise zmq.ZMQError(err)
+
+
+cdef int _interrupted(zmq_msg_t *msg) except -1:
+    """After EINTR: run signal handlers; if one raises, close `msg` and raise."""
+    try:
+        PyErr_CheckSignals()
+    except BaseException:
+        _msg_close(msg)
+        raise
+    return 0
 
 
 cdef object _recv_one(void *handle, int flags, bint *more):
@@ -138,11 +146,7 @@ cdef object _recv_one(void *handle, int flags, bint *more):
         if err != EINTR:
             _msg_close(&msg)
             _raise_zmq(err)
-        try:
-            PyErr_CheckSignals()  # a signal handler may raise (KeyboardInterrupt)
-        except BaseException:
-            _msg_close(&msg)
-            raise
+        _interrupted(&msg)  # then try again
     more[0] = _msg_more(&msg) != 0
     size = _msg_size(&msg)
     if <Py_ssize_t>size < _recv_copy_below:
@@ -150,7 +154,11 @@ cdef object _recv_one(void *handle, int flags, bint *more):
             return PyBytes_FromStringAndSize(<char *>_msg_data(&msg), size)
         finally:
             _msg_close(&msg)
-    frame = _SugarFrame()
+    try:
+        frame = _SugarFrame()
+    except BaseException:
+        _msg_close(&msg)
+        raise
     _msg_move(&frame.zmq_msg, &msg)
     _msg_close(&msg)
     frame.more = more[0]
@@ -167,20 +175,41 @@ def recv_frames(Socket sock, int flags=0):
     if sock._closed:
         raise zmq.ZMQError(zmq.ENOTSOCK)
     frames = [_recv_one(handle, flags, &more)]
-    while more:  # the rest of a message arrives with its first frame
-        frames.append(_recv_one(handle, 0, &more))
+    try:
+        while more:  # the rest of a message arrives with its first frame
+            frames.append(_recv_one(handle, 0, &more))
+    except BaseException:
+        if more:  # never leave a message's tail to be read as the next message
+            _discard_rest(handle)
+        raise
     return frames
 
 
+cdef void _discard_rest(void *handle) noexcept:
+    cdef zmq_msg_t msg
+    cdef bint more = True
+    while more:
+        _msg_init(&msg)
+        if _msg_recv(&msg, handle, ZMQ_DONTWAIT) < 0:
+            _msg_close(&msg)
+            return
+        more = _msg_more(&msg) != 0
+        _msg_close(&msg)
+
+
 cdef int _send_msg(zmq_msg_t *msg, void *handle, int flags) except -1:
-    """Send a message (libzmq then owns it); on failure close it and raise."""
-    cdef int rc
-    with nogil:
-        rc = _msg_send(msg, handle, flags)
-    if rc < 0:
-        _msg_close(msg)
-        _raise_zmq(_errno())
-    return 0
+    """Send a message (libzmq then owns it), again after EINTR; on failure close it, raise."""
+    cdef int rc, err
+    while True:
+        with nogil:
+            rc = _msg_send(msg, handle, flags)
+        if rc >= 0:
+            return 0
+        err = _errno()
+        if err != EINTR:
+            _msg_close(msg)
+            _raise_zmq(err)
+        _interrupted(msg)
 
 
 cdef int _send_bytes(void *handle, bytes data, int flags) except -1:
@@ -202,14 +231,23 @@ cdef int _send_frame(void *handle, Frame frame, int flags) except -1:
 
 
 def send_frames(Socket sock, frames):
-    """Send one multipart message: bytes, zmq.Frame or any buffer per frame."""
+    """Send one multipart message: bytes, zmq.Frame or any buffer per frame.
+
+    Every frame is checked before the first is sent, so a bad one raises TypeError
+    without leaving part of a message on the socket.
+    """
     cdef Py_ssize_t i, last = len(frames) - 1
     cdef int flags
     cdef void *handle = sock.handle
     if sock._closed:
         raise zmq.ZMQError(zmq.ENOTSOCK)
+    ready = list(frames)
     for i in range(last + 1):
-        frame = frames[i]
+        frame = ready[i]
+        if not (type(frame) is bytes or isinstance(frame, Frame)):
+            ready[i] = memoryview(frame)  # TypeError here, before anything is sent
+    for i in range(last + 1):
+        frame = ready[i]
         flags = ZMQ_SNDMORE if i < last else 0
         if type(frame) is bytes and PyBytes_GET_SIZE(frame) < _send_copy_below:
             _send_bytes(handle, <bytes>frame, flags)

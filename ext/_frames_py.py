@@ -33,24 +33,44 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
         raise zmq.ZMQError(zmq.ENOTSOCK)
     frames: list[Any] = []
     more = True
-    while more:
-        frame = _recv(sock, flags, False)
-        flags = 0  # the rest of a message arrives with its first frame
-        more = frame.more
-        frames.append(frame.bytes if len(frame) < RECV_COPY_BELOW else frame)
+    try:
+        while more:
+            frame = _recv(sock, flags, False)
+            flags = 0  # the rest of a message arrives with its first frame
+            more = frame.more
+            frames.append(frame.bytes if len(frame) < RECV_COPY_BELOW else frame)
+    except BaseException:
+        if frames and more:  # never leave a message's tail to be read as the next message
+            _discard_rest(sock)
+        raise
     return frames
 
 
+def _discard_rest(sock: zmq.Socket) -> None:
+    more = True
+    while more:
+        try:
+            more = _recv(sock, zmq.NOBLOCK, False).more
+        except zmq.ZMQError:
+            return
+
+
 def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
-    """Send one multipart message: bytes, zmq.Frame or any buffer per frame."""
+    """Send one multipart message: bytes, zmq.Frame or any buffer per frame.
+
+    Every frame is checked before the first is sent, so a bad one raises TypeError
+    without leaving part of a message on the socket.
+    """
     if sock.closed:
         raise zmq.ZMQError(zmq.ENOTSOCK)
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
+    copies = []
+    for frame in frames:
         if isinstance(frame, _Frame):
-            copy = False  # already a libzmq message: forwarded without a copy
+            copies.append(False)  # already a libzmq message: forwarded without a copy
         elif type(frame) is bytes:
-            copy = len(frame) < SEND_COPY_BELOW
+            copies.append(len(frame) < SEND_COPY_BELOW)
         else:
-            copy = memoryview(frame).nbytes < SEND_COPY_BELOW
+            copies.append(memoryview(frame).nbytes < SEND_COPY_BELOW)
+    last = len(frames) - 1
+    for i, (frame, copy) in enumerate(zip(frames, copies, strict=True)):
         _send(sock, frame, _SNDMORE if i < last else 0, copy)

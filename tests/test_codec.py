@@ -152,3 +152,34 @@ def test_unusual_python_types_encode_as_msgpack_does(codec) -> None:
     assert codec.encode_header(header) == msgpack.packb(header, use_bin_type=True)
     with pytest.raises(TypeError):
         codec.encode_header({"x": object()})
+
+
+def test_fallbacks_do_not_leak(codec) -> None:
+    """Headers the C path hands to the twin, over and over: memory stays flat."""
+    import gc
+    import tracemalloc
+
+    def churn() -> None:
+        for _ in range(2000):
+            with pytest.raises(ProtocolError):
+                codec.decode_header(b"\x81\x01\x01", LIMIT)  # integer key: the twin refuses
+            codec.encode_header({"a": bytearray(b"x")})  # bytearray: the twin encodes
+
+    churn()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        churn()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, grown  # a leak of ~1 KB per fallback would be ~4 MB
+
+
+def test_non_contiguous_buffers_decode_like_the_twin(codec) -> None:
+    data = msgpack.packb({"k": 1})
+    spread = bytes(b for pair in zip(data, b"\x00" * len(data), strict=True) for b in pair)
+    view = memoryview(spread)[::2]  # the header's bytes, not contiguous
+    assert codec.decode_header(view, LIMIT) == {"k": 1}

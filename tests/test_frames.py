@@ -140,3 +140,44 @@ def test_a_signal_handler_interrupts_a_blocking_receive(impl, pair) -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_bad_frame_sends_nothing_and_the_next_message_is_whole(impl, pair) -> None:
+    router, dealer = pair
+    with pytest.raises(TypeError):
+        impl.send_frames(dealer, [b"", b"first-part", object()])
+    impl.send_frames(dealer, [b"", b"next"])
+    got = impl.recv_frames(router)
+    assert [_content(f) for f in got[1:]] == [b"", b"next"]
+    with pytest.raises(zmq.Again):
+        impl.recv_frames(router, NOBLOCK)
+
+
+def test_the_c_frames_use_pyzmqs_libzmq_even_with_another_loaded() -> None:
+    """A second libzmq in the process (the system's) must not be the one called."""
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    if not C_BUILT:
+        pytest.skip("ext._frames is not built")
+    system = ctypes.util.find_library("zmq")
+    if system is None:
+        pytest.skip("no system libzmq to load beside pyzmq's")
+    probe = f"""
+import ctypes, zmq
+ctypes.CDLL({system!r})  # loaded before ext: its symbols come first in the process
+from ext import _frames
+ctx = zmq.Context()
+a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+a.bind("inproc://two-libzmq"); b.connect("inproc://two-libzmq")
+_frames.send_frames(a, [b"hello", b"x" * 5000])
+got = _frames.recv_frames(b)
+assert got[0] == b"hello" and got[1].bytes == b"x" * 5000, got
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
