@@ -241,10 +241,12 @@ def send_frames(Socket sock, frames):
     cdef void *handle = sock.handle
     if sock._closed:
         raise zmq.ZMQError(zmq.ENOTSOCK)
-    ready = list(frames)
+    ready = frames  # copied only if a frame needs a memoryview (rare on the hot path)
     for i in range(last + 1):
-        frame = ready[i]
+        frame = frames[i]
         if not (type(frame) is bytes or isinstance(frame, Frame)):
+            if ready is frames:
+                ready = list(frames)
             ready[i] = memoryview(frame)  # TypeError here, before anything is sent
     for i in range(last + 1):
         frame = ready[i]
