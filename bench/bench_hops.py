@@ -83,17 +83,16 @@ def round_trips(sock: zmq.Socket, n: int, payload: bytes) -> float:
 def measure(requests: int, rounds: int, payload_bytes: int = 64) -> dict[str, Any]:
     payload = b"x" * payload_bytes  # sent both ways: request and echo
     bound: Any = mp.Queue()
-    procs = []
-    ports = {}
-    for name, target, args in (
-        ("direct", echo, ()),
-        ("behind", echo, ()),
-        ("relayed", relay, None),
-    ):
-        args = (ports["behind"],) if args is None else args
+    procs: list[mp.Process] = []
+
+    def start(target: Any, *args: Any) -> str:
+        """Start a process; the endpoint it bound."""
         procs.append(mp.Process(target=target, args=(bound, *args)))
         procs[-1].start()
-        ports[name] = bound.get(timeout=30)
+        return bound.get(timeout=30)
+
+    ports = {"direct": start(echo)}
+    ports["relayed"] = start(relay, start(echo))  # the relay, and the echo behind it
     ctx = zmq.Context()
     socks = {}
     for name in ("direct", "relayed"):

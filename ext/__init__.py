@@ -70,5 +70,9 @@ send_frames = _frames.send_frames
 decode_header = _codec.decode_header
 encode_header = _codec.encode_header
 
-IMPLEMENTATIONS: dict[str, str] = {m.__name__: m.__name__ for m in (_reqtable, _frames, _codec)}
-USING_C: bool = not any(name.endswith("_py") for name in IMPLEMENTATIONS)
+# e.g. {"_frames": "ext._frames"}, or "ext._frames_py" where the twin was chosen
+IMPLEMENTATIONS: dict[str, str] = {
+    name: module.__name__
+    for name, module in (("_reqtable", _reqtable), ("_frames", _frames), ("_codec", _codec))
+}
+USING_C: bool = not any(chosen.endswith("_py") for chosen in IMPLEMENTATIONS.values())
