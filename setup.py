@@ -26,6 +26,13 @@ except ImportError:
 EXTENSIONS = [
     Extension("ext._reqtable", ["ext/_reqtable.pyx"], extra_compile_args=["-O3"]),
     Extension("ext._codec", ["ext/_codec.pyx"], extra_compile_args=["-O3"]),
+    Extension("ext._pages", ["ext/_pages.pyx"], extra_compile_args=["-O3"]),
+    Extension(
+        "ext._actiontable",
+        ["ext/_actiontable.pyx"],
+        depends=["ext/_actiontable.pxd", "ext/_atomics.h"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 if HAVE_ZMQ_H and ZMQ_INCLUDES:
     EXTENSIONS.append(

@@ -23,6 +23,11 @@ Modules:
   twice per message on every socket of the hot path.
 - `_codec`: `decode_header` and `encode_header`, the msgpack header of every message;
   the twin (msgpack itself) is the reference the C path falls back to.
+- `_pages`: `PagePool` and `Allocation`, the page allocator behind the worker's host
+  memory pool: weights live once in fixed pages of one buffer, so a swap-in builds a
+  session over them without copying.
+- `_actiontable`: `ActionTable`, the worker's lock-free request table: the I/O thread
+  puts timed actions into fixed slots, executor threads claim them without a lock.
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ from types import ModuleType
 __all__ = [
     "IMPLEMENTATIONS",
     "USING_C",
+    "ActionTable",
+    "Allocation",
+    "PagePool",
     "RequestTable",
+    "TableFull",
     "decode_header",
     "encode_header",
     "recv_frames",
@@ -63,16 +72,28 @@ def _choose(name: str) -> ModuleType:
 _reqtable = _choose("_reqtable")
 _frames = _choose("_frames")
 _codec = _choose("_codec")
+_pages = _choose("_pages")
+_actiontable = _choose("_actiontable")
 
 RequestTable = _reqtable.RequestTable
 recv_frames = _frames.recv_frames
 send_frames = _frames.send_frames
 decode_header = _codec.decode_header
 encode_header = _codec.encode_header
+PagePool = _pages.PagePool
+Allocation = _pages.Allocation
+ActionTable = _actiontable.ActionTable
+TableFull = _actiontable.TableFull
 
 # e.g. {"_frames": "ext._frames"}, or "ext._frames_py" where the twin was chosen
 IMPLEMENTATIONS: dict[str, str] = {
     name: module.__name__
-    for name, module in (("_reqtable", _reqtable), ("_frames", _frames), ("_codec", _codec))
+    for name, module in (
+        ("_reqtable", _reqtable),
+        ("_frames", _frames),
+        ("_codec", _codec),
+        ("_pages", _pages),
+        ("_actiontable", _actiontable),
+    )
 }
 USING_C: bool = not any(chosen.endswith("_py") for chosen in IMPLEMENTATIONS.values())

@@ -149,6 +149,11 @@ class LoadFailed(MTError):
     status = Status.LOAD_FAILED
 
 
+class PoolExhausted(LoadFailed, MemoryError):
+    """A worker's memory pool has no room for a model's weights: to a tenant, a load
+    that failed (the worker reports its own stage status to the broker)."""
+
+
 class InternalError(MTError):
     status = Status.INTERNAL
 
