@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import signal
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from broker.uploads import Uploads
 from broker.validate import plan_inputs
 from ext import RequestTable
+from mtcore import actions as wire
 from mtcore.config import BrokerConfig
 from mtcore.errors import (
     BadArgument,
@@ -76,6 +78,7 @@ TICK = 0.05  # seconds between housekeeping passes
 FRONTEND_BATCH = 32
 BACKEND_BATCH = 256
 PROFILE_TIMEOUT = 120.0  # seconds a worker may take to profile an upload
+PROFILE_SAMPLES = 10  # runs measured per batch size when profiling
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -197,6 +200,7 @@ class Broker:
     def tick(self, now: float) -> None:
         """Housekeeping: lost workers, heartbeats, expiries, garbage blobs."""
         self.purge_lost_workers(now)
+        self.expire_actions(now)
         self.send_heartbeats(now)
         for request in self.scheduler.expire(now):
             waited_ms = (now - request.arrival) * 1e3
@@ -392,6 +396,10 @@ class Broker:
             "evictions": self.counters["evictions"],  # UNLOAD actions sent to workers
             "internal_errors": self.counters["internal_errors"],  # bugs caught by the loop
             "worker_malformed": self.counters["worker_malformed"],  # worker messages dropped
+            "actions_expired": self.counters["actions_expired"],  # never answered: given up
+            "loads_by_tier": {  # successful LOADs by where the worker found the model
+                tier: self.counters[f"loads_from_{tier}"] for tier in ("device", "host", "cold")
+            },
             "answers_by_status": answered,
         }
 
@@ -445,7 +453,12 @@ class Broker:
         commit.profile_deadline = time.monotonic() + PROFILE_TIMEOUT
         self.send_action(action, time.monotonic())
 
-    def _publish(self, commit: PendingCommit, profile: dict[int, float] | None = None) -> None:
+    def _publish(
+        self,
+        commit: PendingCommit,
+        profile: dict[int, float] | None = None,
+        measurements: dict[str, Any] | None = None,
+    ) -> None:
         record = commit.record
         existing = self.registry.get(record.tenant, record.name)
         if existing and not commit.upload.replace:
@@ -453,6 +466,7 @@ class Broker:
             self._fail_commit(commit, error)
             return
         record.profile = dict(profile or {})
+        record.measurements = dict(measurements or {})
         try:
             old = self.registry.put(record)
         except Exception as exc:  # disk or SQLite error: fail this commit, keep serving
@@ -485,9 +499,10 @@ class Broker:
                 continue
             self.gc_shas.discard(sha)
             self.registry.store.remove(sha)
-            for worker in self.workers.values():
-                if worker.loaded.pop(sha, None) is not None:
-                    self.send_action(Action(ActionKind.UNLOAD, worker, sha), time.monotonic())
+            for worker in self.workers.values():  # from both tiers: its pages are freed too
+                worker.loaded.pop(sha, None)
+                forget = Action(ActionKind.UNLOAD, worker, sha, context="forget")
+                self.send_action(forget, time.monotonic())
 
     # ------------------------------------------------------------------ workers
 
@@ -510,6 +525,7 @@ class Broker:
             return
         worker.last_seen = now
         if msg.cmd is WCmd.HEARTBEAT:
+            self.on_worker_heartbeat(worker, msg)
             return
         if msg.cmd is WCmd.FETCH_MODEL:
             self.on_fetch_model(worker, msg)
@@ -540,6 +556,17 @@ class Broker:
             "worker %s joined (%s, budget %d bytes)", worker.name, worker.kind, worker.memory_budget
         )
 
+    def on_worker_heartbeat(self, worker: WorkerState, msg: Message) -> None:
+        tiers = msg.header.get("tiers")
+        if tiers is None:
+            return
+        try:
+            worker.tiers = wire.TierReport.from_wire(tiers)
+        except MTError as exc:
+            log.warning("worker %s sent bad tiers: %s", worker.name, exc)
+            self.counters["worker_malformed"] += 1
+        worker.restarts = int(msg.header.get("restarts", 0) or 0)
+
     def on_fetch_model(self, worker: WorkerState, msg: Message) -> None:
         sha = str(msg.header.get("sha256", ""))
         store = self.registry.store
@@ -559,44 +586,51 @@ class Broker:
         )
 
     def on_action_result(self, worker: WorkerState, msg: Message, now: float) -> None:
-        action = worker.inflight.get(int(msg.header.get("action", 0)))
-        if action is None or msg.header.get("sha256") != action.sha256:
+        try:
+            result = wire.decode_result(msg.cmd, msg.header)
+        except MTError as exc:
+            log.warning("dropped a malformed result from worker %s: %s", worker.name, exc)
+            self.counters["worker_malformed"] += 1
+            return
+        action = worker.inflight.get(result.action)
+        if action is None or result.sha256 != action.sha256:
             return  # late result of an action we gave up on, or not ours at all
         del worker.inflight[action.id]
-        ok = msg.header.get("status", 0) == 0
-        self.scheduler.on_result(action, ok, now, list(msg.header.get("evicted", ())))
-        if action.kind is ActionKind.INFER:
-            self.on_infer_result(action, msg, now)
-        elif action.kind is ActionKind.PROFILE:
-            self.on_profile_result(action, msg)
-        elif not ok:
-            log.warning(
-                "worker %s failed to load %s: %s",
-                worker.name,
-                action.sha256[:12],
-                msg.header.get("error"),
-            )
+        if result.tiers is not None:
+            worker.tiers = result.tiers
+        self.scheduler.on_result(action, result.ok, now, result.evicted)
+        if isinstance(result, wire.InferResult):
+            self.on_infer_result(action, result, msg.payload, now)
+        elif isinstance(result, wire.ProfileModelResult):
+            self.on_profile_result(action, result)
+        elif not result.ok:
+            log.warning("worker %s failed to load %s: [%d] %s", worker.name,
+                        action.sha256[:12], result.status, result.error)  # fmt: skip
+        else:
+            self.counters[f"loads_from_{result.tier or 'unknown'}"] += 1
 
-    def on_infer_result(self, action: Action, msg: Message, now: float) -> None:
+    def on_infer_result(
+        self, action: Action, result: wire.InferResult, payload: list[Any], now: float
+    ) -> None:
         by_rid = {r.rid: r for r in action.requests}
-        timing = msg.header.get("timing", {})
-        frames = iter(msg.payload)
-        for rid, status, error, outputs in msg.header.get("results", ()):
-            request = by_rid.pop(rid, None)
-            own = [next(frames, b"") for _ in outputs]
+        timing = result.timing
+        frames = iter(payload)
+        for item in result.results:
+            request = by_rid.pop(item.rid, None)
+            own = [next(frames, b"") for _ in item.outputs]
             if request is None:
                 continue
-            if status != 0:
-                self.answer_error(request, error_for(status, str(error)))
+            if item.status != 0:
+                self.answer_error(request, error_for(item.status, str(item.error)))
                 continue
             self.answer(
                 request,
                 {
-                    "outputs": outputs,
+                    "outputs": item.outputs,
                     "timing": {
                         "queue": int((request.dispatched - request.arrival) * 1e6),
-                        "exec": int(timing.get("exec", 0)),
-                        "worker": int(timing.get("total", 0)),
+                        "exec": timing.exec,
+                        "worker": timing.total,
                         "total": int((now - request.arrival) * 1e6),
                     },
                     "batch": len(action.requests),
@@ -606,19 +640,17 @@ class Broker:
         for request in by_rid.values():
             self.answer_error(request, InternalError("the worker's result omitted this request"))
 
-    def on_profile_result(self, action: Action, msg: Message) -> None:
+    def on_profile_result(self, action: Action, result: wire.ProfileModelResult) -> None:
         commit, _ = action.context
         if isinstance(commit, ModelRecord):  # a model published before any worker came
-            self.on_reprofile_result(commit, msg)
+            self.on_reprofile_result(commit, result)
             return
         if commit not in self.commits:
             return
-        if msg.header.get("status", 0) != 0:
-            error = error_for(msg.header["status"], str(msg.header.get("error")))
-            self._fail_commit(commit, error)
+        if not result.ok:
+            self._fail_commit(commit, profile_error(result))
             return
-        profile = {int(k): float(v) for k, v in msg.header.get("profile", {}).items()}
-        self._publish(commit, profile)
+        self._publish(commit, *profile_of(result))
 
     def reprofile(self, worker: WorkerState) -> None:
         """Profile, on a worker that just joined, the models published without a profile."""
@@ -633,19 +665,32 @@ class Broker:
             self.send_action(action, time.monotonic())
             pending.add(record.sha256)
 
-    def on_reprofile_result(self, record: ModelRecord, msg: Message) -> None:
-        if msg.header.get("status", 0) != 0:
-            log.warning("profiling %s/%s failed: %s", record.tenant, record.name,
-                        msg.header.get("error"))  # fmt: skip
+    def on_reprofile_result(self, record: ModelRecord, result: wire.ProfileModelResult) -> None:
+        if not result.ok:
+            log.warning("profiling %s/%s failed: [%d] %s", record.tenant, record.name,
+                        result.status, result.error)  # fmt: skip
             return
-        profile = {int(k): float(v) for k, v in msg.header.get("profile", {}).items()}
         if self.registry.get(record.tenant, record.name) is record:
-            self.registry.set_profile(record, profile)
+            self.registry.set_profile(record, *profile_of(result))
 
     def purge_lost_workers(self, now: float) -> None:
         for worker in list(self.workers.values()):
             if now - worker.last_seen > self.config.heartbeat_liveness:
                 self.lose_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
+
+    def expire_actions(self, now: float) -> None:
+        """Give up on actions a live worker never answered (a lost result), so no pipeline
+        slot and no model stays pinned: their requests are retried or answered."""
+        limit = self.config.action_timeout
+        for worker in self.workers.values():
+            for action in [a for a in worker.inflight.values() if now - a.sent > limit]:
+                del worker.inflight[action.id]
+                self.counters["actions_expired"] += 1
+                log.warning("worker %s never answered %s %d; giving up after %.0f s",
+                            worker.name, action.kind.name, action.id, limit)  # fmt: skip
+                self.scheduler.on_result(action, False, now, [])
+                for request in action.requests:
+                    self.retry_or_fail(request, now, worker.name)
 
     def lose_worker(self, worker: WorkerState, why: str) -> None:
         log.warning("worker %s lost: %s", worker.name, why)
@@ -692,22 +737,9 @@ class Broker:
 
     def send_action(self, action: Action, now: float) -> None:
         action.sent = now
-        header: dict[str, Any] = {"action": action.id, "sha256": action.sha256}
-        payload: list[Any] = []
-        if action.kind is ActionKind.INFER:
-            header["latest"] = None if math.isinf(action.latest) else action.latest - now
-            header["expected_duration"] = action.expected_duration
-            header["requests"] = [[r.rid, r.wire_inputs] for r in action.requests]
-            payload = [f for r in action.requests for f in r.frames]
-        elif action.kind is ActionKind.PROFILE:
-            header["batches"] = action.context[1]
-        cmd = {
-            ActionKind.LOAD: WCmd.LOAD_MODEL,
-            ActionKind.UNLOAD: WCmd.UNLOAD_MODEL,
-            ActionKind.INFER: WCmd.INFER,
-            ActionKind.PROFILE: WCmd.PROFILE_MODEL,
-        }[action.kind]
-        self.send_worker(action.worker.wid, cmd, header, payload)
+        message = wire_action(action, now)
+        payload = [f for r in action.requests for f in r.frames]
+        self.send_worker(action.worker.wid, message.cmd, message.to_header(), payload)
         action.worker.last_sent = now
         if action.kind is ActionKind.LOAD:
             self.counters["loads"] += 1
@@ -718,3 +750,41 @@ class Broker:
         self, wid: bytes, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()
     ) -> None:
         send_frames(self.backend, [wid, *build(WORKER_TAG, cmd, header, payload)])
+
+
+def wire_action(action: Action, now: float) -> wire.Action:
+    """The worker-protocol struct of a controller action; windows relative to `now`."""
+    latest = action.latest - now if not math.isinf(action.latest) else math.inf
+    common = (action.id, action.sha256, 0.0, latest, action.expected_duration)
+    if action.kind is ActionKind.INFER:
+        requests = [[r.rid, r.wire_inputs] for r in action.requests]
+        return wire.Infer(*common, requests=requests)
+    if action.kind is ActionKind.LOAD:
+        return wire.LoadModel(*common)
+    if action.kind is ActionKind.UNLOAD:
+        return wire.UnloadModel(*common, forget=action.context == "forget")
+    batches = action.context[1]
+    return wire.ProfileModel(*common, batches=batches, samples=PROFILE_SAMPLES)
+
+
+def profile_of(result: wire.ProfileModelResult) -> tuple[dict[int, float], dict[str, Any]]:
+    """(median microseconds per batch size, every measurement) of a profile."""
+    medians = {b: statistics.median(t) for b, t in result.profile.items() if t}
+    measurements = {
+        "samples": {str(b): t for b, t in result.profile.items()},
+        "prepare_us": result.prepare_us,
+        "build_us": result.build_us,
+        "fresh_us": result.fresh_us,
+        "weight_bytes": result.weight_bytes,
+        "session_bytes": result.session_bytes,
+    }
+    return medians, measurements
+
+
+def profile_error(result: wire.ProfileModelResult) -> MTError:
+    """Why a profile failed, as the commit's error: a model that will not run is invalid."""
+    if result.status is wire.ActionStatus.LOAD_FETCH_FAILED:
+        return LoadFailed(result.error)
+    if result.status in (wire.ActionStatus.LOAD_INVALID, wire.ActionStatus.INTERNAL):
+        return ModelInvalid(result.error)
+    return error_for(int(wire.TENANT_STATUS[result.status]), result.error)

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS models (
     max_batch  INTEGER NOT NULL,
     profile    TEXT NOT NULL,     -- JSON map batch size -> exec microseconds
     created    REAL NOT NULL,     -- unix time
+    measurements TEXT NOT NULL DEFAULT '{}',  -- JSON: the worker's profile (see ModelRecord)
     PRIMARY KEY (tenant, name)
 );
 """
@@ -48,6 +49,10 @@ class ModelRecord:
     max_batch: int
     profile: dict[int, float] = field(default_factory=dict)  # batch -> exec microseconds
     created: float = 0.0
+    # What profiling measured beyond medians: every run per batch size ("samples"),
+    # cold -> host ("prepare_us"), host -> device builds ("build_us"), a fresh build from
+    # bytes ("fresh_us"), host-tier weight bytes and measured device-tier session bytes.
+    measurements: dict[str, Any] = field(default_factory=dict, compare=False)
     state: str = "ready"
     input_plans: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -128,15 +133,22 @@ class Registry:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        self._migrate()
         self.models: dict[tuple[str, str], ModelRecord] = {}  # (tenant, name) -> record
         self._load()
 
+    def _migrate(self) -> None:
+        """Registries written before a column existed get it, with its default."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(models)")}
+        if "measurements" not in columns:
+            self.db.execute("ALTER TABLE models ADD COLUMN measurements TEXT NOT NULL DEFAULT '{}'")
+
     def _load(self) -> None:
         rows = self.db.execute(
-            "SELECT tenant, name, sha256, size, inputs, outputs, max_batch, profile, created "
-            "FROM models"
+            "SELECT tenant, name, sha256, size, inputs, outputs, max_batch, profile, created, "
+            "measurements FROM models"
         ).fetchall()
-        for tenant, name, sha, size, ins, outs, max_batch, profile, created in rows:
+        for tenant, name, sha, size, ins, outs, max_batch, profile, created, meas in rows:
             if not self.store.has(sha):
                 continue  # blob lost outside our control: the model cannot be served
             self.models[(tenant, name)] = ModelRecord(
@@ -149,6 +161,7 @@ class Registry:
                 max_batch,
                 {int(k): v for k, v in json.loads(profile).items()},
                 created,
+                json.loads(meas),
             )
 
     def get(self, tenant: str, name: str) -> ModelRecord | None:
@@ -161,7 +174,8 @@ class Registry:
         """Insert or replace a record; returns the record it replaced, if any."""
         record.created = record.created or time.time()
         self.db.execute(
-            "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO models (tenant, name, sha256, size, inputs, outputs,"
+            " max_batch, profile, created, measurements) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.tenant,
                 record.name,
@@ -172,18 +186,27 @@ class Registry:
                 record.max_batch,
                 json.dumps({str(k): v for k, v in record.profile.items()}),
                 record.created,
+                json.dumps(record.measurements),
             ),
         )
         old = self.models.get((record.tenant, record.name))
         self.models[(record.tenant, record.name)] = record
         return old
 
-    def set_profile(self, record: ModelRecord, profile: dict[int, float]) -> None:
+    def set_profile(
+        self,
+        record: ModelRecord,
+        profile: dict[int, float],
+        measurements: dict[str, Any] | None = None,
+    ) -> None:
         record.profile = dict(profile)
+        record.measurements = dict(measurements or {})
         self.db.execute(
-            "UPDATE models SET profile = ? WHERE tenant = ? AND name = ? AND sha256 = ?",
+            "UPDATE models SET profile = ?, measurements = ?"
+            " WHERE tenant = ? AND name = ? AND sha256 = ?",
             (
                 json.dumps({str(k): v for k, v in profile.items()}),
+                json.dumps(record.measurements),
                 record.tenant,
                 record.name,
                 record.sha256,

@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from broker.registry import ModelRecord
+from mtcore.actions import TierReport
 from mtcore.protocol import TensorDesc
 
 # Ids start at a random point in each broker process, so a late result meant for a
@@ -81,6 +82,8 @@ class WorkerState:
     inflight: dict[int, Action] = field(default_factory=dict)  # id -> action awaiting result
     last_sent: float = 0.0  # monotonic time of our last message to it
     incarnation: str = ""  # the worker process's token, the same across its reconnects
+    tiers: TierReport | None = None  # its tiers as of its latest result or heartbeat
+    restarts: int = 0  # executor threads it found dead and replaced
 
     def memory_used(self) -> int:
         return sum(self.loaded.values())
@@ -99,4 +102,7 @@ class WorkerState:
             "memory_used": self.memory_used(),
             "models_live": len(self.loaded),  # counts only: tenants must not see others' models
             "inflight_actions": len(self.inflight),
+            "host_models": len(self.tiers.host_models) if self.tiers else 0,
+            "host_free": self.tiers.host_free if self.tiers else 0,
+            "executor_restarts": self.restarts,
         }

@@ -45,7 +45,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", default="state")
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--port", type=int, default=5555, help="frontend port; backend is port+1")
-    up.add_argument("--memory-mb", type=int, default=1024, help="live-model budget per worker")
+    up.add_argument(
+        "--memory-mb", type=int, default=1024, help="device tier per worker: runnable sessions"
+    )
+    up.add_argument(
+        "--host-memory-mb", type=int, default=4096, help="host tier per worker: weights in pages"
+    )
     up.set_defaults(run=cmd_up)
 
     b = sub.add_parser("broker", help="run the broker (frontend + controller + backend)")
@@ -55,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=8)
     b.add_argument("--max-frame-mb", type=int, default=64, help="largest tenant payload frame")
     b.add_argument("--heartbeat-liveness", type=float, default=5.0)
+    b.add_argument(
+        "--action-timeout", type=float, default=300.0, help="give up on an unanswered action"
+    )
     b.add_argument("--max-pending-mb", type=int, default=2048, help="input bytes held, all tenants")
     b.add_argument("--profile-batches", default="1,2,4,8")
     b.add_argument(
@@ -68,8 +76,13 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run one worker")
     w.add_argument("--backend", default="tcp://127.0.0.1:5556")
     w.add_argument("--name", default="")
-    w.add_argument("--memory-mb", type=int, default=1024)
+    w.add_argument("--memory-mb", type=int, default=1024, help="device tier: runnable sessions")
+    w.add_argument(
+        "--host-memory-mb", type=int, default=4096, help="host tier: the page pool for weights"
+    )
+    w.add_argument("--page-kb", type=int, default=1024, help="the host pool's page size")
     w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    w.add_argument("--exec-threads", type=int, default=1, help="exec executors (batches at once)")
     w.add_argument("--max-run-s", type=float, default=60.0, help="stop a model run after this")
     w.add_argument(
         "--spin-us",
@@ -107,7 +120,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from mtcore.cluster import LocalCluster
 
     cluster = LocalCluster(
-        args.state_dir, workers=args.workers, port=args.port, memory_mb=args.memory_mb
+        args.state_dir,
+        workers=args.workers,
+        port=args.port,
+        memory_mb=args.memory_mb,
+        host_memory_mb=args.host_memory_mb,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with cluster:
@@ -136,6 +153,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_pending_bytes=args.max_pending_mb * MIB,
         heartbeat_liveness=args.heartbeat_liveness,
+        action_timeout=args.action_timeout,
         limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
         spin_us=args.spin_us,
@@ -167,7 +185,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         backend=args.backend,
         name=args.name,
         memory_budget=args.memory_mb * MIB,
+        host_budget=args.host_memory_mb * MIB,
+        page_size=args.page_kb * 1024,
         intra_op_threads=args.threads,
+        exec_threads=args.exec_threads,
         max_run_seconds=args.max_run_s,
         spin_us=args.spin_us,
     )

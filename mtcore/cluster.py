@@ -35,6 +35,7 @@ class LocalCluster:
         workers: int = 1,
         port: int = 0,
         memory_mb: int = 1024,
+        host_memory_mb: int = 4096,
         threads: int = 0,
         broker_args: list[str] = (),
         worker_args: list[str] = (),
@@ -43,7 +44,8 @@ class LocalCluster:
         self.state_dir = Path(state_dir)
         self.n_workers = workers
         self.port = port  # 0: let the OS choose
-        self.memory_mb = memory_mb  # each worker's budget for live models
+        self.memory_mb = memory_mb  # each worker's device tier: runnable sessions
+        self.host_memory_mb = host_memory_mb  # each worker's host tier: weights in pages
         self.threads = threads  # ONNX Runtime threads per session (0: cores / workers)
         self.broker_args = list(broker_args)
         self.worker_args = list(worker_args)  # extra `mtserve worker` options
@@ -96,6 +98,8 @@ class LocalCluster:
             name,
             "--memory-mb",
             str(self.memory_mb),
+            "--host-memory-mb",
+            str(self.host_memory_mb),
             "--threads",
             str(threads),
             *self.worker_args,

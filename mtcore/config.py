@@ -31,6 +31,7 @@ class BrokerConfig:
     heartbeat_interval: float = 1.0  # broker -> worker heartbeat when idle
     heartbeat_liveness: float = 5.0  # a worker silent this long is lost
     answer_grace: float = 30.0  # an answer this late past its deadline is given up as INTERNAL
+    action_timeout: float = 300.0  # an action a worker never answers is given up after this
     max_request_time: float = 600.0  # the same for a request without a deadline
     scheduler: str = "fifo"  # scheduler implementation (see broker.scheduler.make_scheduler)
     profile_batches: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes measured at upload
@@ -46,8 +47,14 @@ class WorkerConfig:
 
     backend: str = "tcp://127.0.0.1:5556"  # the broker's backend address
     name: str = ""  # defaults to worker-<pid>
-    memory_budget: int = 2 * GIB  # bytes of live models (ONNX Runtime sessions on CPU)
+    memory_budget: int = 2 * GIB  # device tier: measured bytes of runnable sessions
+    host_budget: int = 4 * GIB  # host tier: the page pool holding prepared weights
+    page_size: int = 1 * MIB  # the host pool's page; larger tensors take contiguous runs
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 lets ORT choose
+    exec_threads: int = 1  # exec executors; each runs one batch at a time
+    table_slots: int = 256  # request-table slots: actions queued or running at once
+    fetch_timeout: float = 10.0  # a FETCH_MODEL unanswered this long is sent again
+    fetch_attempts: int = 3  # then the actions waiting for the bytes fail
     heartbeat_interval: float = 1.0  # worker -> broker heartbeat when idle
     heartbeat_liveness: float = 5.0  # broker silent this long: reconnect
     kind: str = "cpu"  # backend kind reported to the broker

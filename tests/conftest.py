@@ -13,6 +13,10 @@ from mtcore.client import Client
 from mtcore.cluster import LocalCluster
 from mtcore.protocol import TAG, Cmd, build, decode_header
 
+# Workers run a graph optimized once, without prepacking, over weights shared from their
+# host pool; kernels then sum in another order than a fresh session's: fp32 rounding only.
+FP32_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU tests run only where CuPy sees a device."""

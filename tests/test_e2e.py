@@ -14,7 +14,7 @@ import pytest
 from bench import zoo
 from mtcore.client import AsyncClient, Client
 from mtcore.errors import ModelNotFound, MTError, Status, WorkerLost
-from tests.conftest import start_cluster
+from tests.conftest import FP32_TOLERANCE, start_cluster
 
 
 def reference(name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -35,7 +35,7 @@ def test_outputs_equal_in_process_onnxruntime(client: Client, name: str) -> None
         assert [d[0] for d in info["outputs"]] == list(result.outputs)
         for got, want in zip(result.outputs.values(), expected, strict=True):
             assert got.shape == want.shape
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got, want, **FP32_TOLERANCE)
         assert {"queue", "exec", "total"} <= set(result.timing)
 
 
@@ -50,7 +50,7 @@ def test_three_tenants_upload_and_infer_concurrently(cluster) -> None:
                 x = zoo.sample_inputs("mlp", 3, seed=7)
                 for _ in range(20):
                     out = c.infer("shared-name", x)["logits"]
-                    np.testing.assert_allclose(out, reference_seeded(idx, x), rtol=1e-5, atol=1e-6)
+                    np.testing.assert_allclose(out, reference_seeded(idx, x), **FP32_TOLERANCE)
                 seen[f"tenant{idx}"] = out
                 assert [m["name"] for m in c.list_models()] == ["shared-name"]
         except BaseException as exc:
@@ -181,7 +181,7 @@ def test_model_churn_under_a_small_budget_answers_everything(tmp_path) -> None:
                 assert isinstance(result, MTError), result
                 assert result.status in (Status.DEADLINE_EXPIRED, Status.DEADLINE_UNMEETABLE)
             else:
-                np.testing.assert_allclose(result["logits"], expected[model], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(result["logits"], expected[model], **FP32_TOLERANCE)
         with Client(cluster.address, tenant="churn") as c:
             status = c.status()
         assert status["in_flight"] == 0 and status["queued"] == 0
@@ -253,7 +253,7 @@ def test_busy_poll_answers_correctly_and_sleeps_when_idle(tmp_path) -> None:
                 inputs = zoo.sample_inputs("mlp", 1, seed=seed)
                 got = client.infer("mlp", inputs)
                 want = session.run(None, inputs)
-                assert np.allclose(got["logits"], want[0], rtol=1e-5)
+                assert np.allclose(got["logits"], want[0], **FP32_TOLERANCE)
         time.sleep(0.5)  # well past the 20 ms window
         pids = [c.broker.pid, *(w.pid for w in c.workers)]
         before = [_cpu_seconds(pid) for pid in pids]

@@ -9,15 +9,15 @@ each request is run by itself so only the bad one gets EXEC_FAILED.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mtcore.errors import ExecFailed, ModelInvalid
+from mtcore.errors import ExecFailed, LoadFailed, ModelInvalid
 from mtcore.protocol import DTYPES
+from worker.tiers import HostModel, resident_bytes, session_options, shared_arena_options
 
 # onnxruntime's type strings -> wire dtype names
 _ORT_TYPES = {
@@ -48,12 +48,10 @@ class LiveModel:
 
 
 def make_session(data: bytes, intra_op_threads: int = 0) -> Any:
+    """A session built from bytes the usual way (full optimization): the baseline."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options = session_options(intra_op_threads)
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -66,17 +64,64 @@ def load_model(sha256: str, data: bytes, intra_op_threads: int = 0) -> LiveModel
         raise ModelInvalid(
             f"ONNX Runtime cannot load the model: {str(exc).strip()[:400]}"
         ) from None
+    return _live(sha256, session, len(data), start)
+
+
+def build_session(host: HostModel, intra_op_threads: int = 0) -> LiveModel:
+    """Host -> device: a session over the host tier's pages, with nothing left to do.
+
+    The graph was optimized when the model was prepared, so optimization is off; so is
+    prepacking, which would copy every weight into a kernel-specific layout. The
+    initializers are the pool's OrtValues (caller-owned: ORT does not copy them).
+    """
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    options = shared_arena_options(intra_op_threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    for name, value in zip(host.names, host.values, strict=True):
+        options.add_initializer(name, value)
+    try:
+        session = ort.InferenceSession(
+            str(host.graph_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise LoadFailed(f"the prepared model does not build: {str(exc).strip()[:400]}") from None
+    return _live(host.sha256, session, host.weight_bytes, start)
+
+
+def _live(sha256: str, session: Any, nbytes: int, start: float) -> LiveModel:
     inputs = session.get_inputs()
     batchable = all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
     return LiveModel(
         sha256,
         session,
-        len(data),
+        nbytes,
         [i.name for i in inputs],
         [o.name for o in session.get_outputs()],
         batchable,
         (time.perf_counter() - start) * 1e6,
     )
+
+
+def measure_session_bytes(host: HostModel, intra_op_threads: int = 0) -> int:
+    """What one runnable session of this model adds to the process: built, run once.
+
+    Measured twice, the smaller kept: the first build also pays what the process pays
+    once (ORT's first session, the shared arena growing to this model's activations),
+    which no later copy costs again.
+    """
+    return min(_session_bytes_once(host, intra_op_threads) for _ in range(2))
+
+
+def _session_bytes_once(host: HostModel, intra_op_threads: int) -> int:
+    before = resident_bytes()
+    live = build_session(host, intra_op_threads)
+    live.session.run(live.output_names, random_feeds(live.session, 1))
+    added = resident_bytes() - before
+    del live
+    return max(added, 64 * 1024)  # resident-set noise can read as a shrink
 
 
 @dataclass
@@ -139,9 +184,13 @@ def _run_one(model: LiveModel, request: RequestInputs, options: Any) -> RequestO
 
 
 def profile(
-    model: LiveModel, batches: list[int], runs: int = 3, options: Any = None
-) -> dict[int, float]:
-    """Median execution microseconds per batch size, on random inputs."""
+    model: LiveModel, batches: list[int], runs: int = 10, options: Any = None
+) -> dict[int, list[float]]:
+    """Every measured run, microseconds, per batch size, on random inputs.
+
+    All samples go back, not a summary, so the controller can take the percentile it
+    plans with.
+    """
     result = {}
     for batch in batches if model.batchable else [1]:
         feeds = random_feeds(model.session, batch)
@@ -151,7 +200,7 @@ def profile(
             start = time.perf_counter()
             model.session.run(model.output_names, feeds, options)
             times.append((time.perf_counter() - start) * 1e6)
-        result[batch] = statistics.median(times)
+        result[batch] = times
     return result
 
 

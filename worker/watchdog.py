@@ -3,13 +3,12 @@
 A tenant's model chooses its own run time (a Loop whose trip count is an input), so
 every run is guarded: one watchdog thread per worker sets the run's
 `onnxruntime.RunOptions.terminate` once its time is up, and ONNX Runtime returns with an
-error at its next check. Runs on a worker never overlap (inline runs happen only while
-the exec thread is idle), so one slot is enough.
+error at its next check. Several exec threads may run at once, so each guarded run has
+its own entry.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +24,7 @@ class Watchdog(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="mtserve-watchdog", daemon=True)
         self._lock = threading.Lock()
-        self._options: Any = None  # RunOptions of the run being guarded, None when idle
-        self._deadline = math.inf  # monotonic time the guarded run must end by
+        self._runs: dict[int, tuple[Any, float]] = {}  # id -> (RunOptions, monotonic deadline)
         self._stop = threading.Event()
 
     @contextmanager
@@ -36,18 +34,20 @@ class Watchdog(threading.Thread):
 
         options = ort.RunOptions()
         with self._lock:
-            self._options, self._deadline = options, time.monotonic() + seconds
+            self._runs[id(options)] = (options, time.monotonic() + seconds)
         try:
             yield options
         finally:
             with self._lock:
-                self._options = None
+                del self._runs[id(options)]
 
     def run(self) -> None:
         while not self._stop.wait(TICK):
+            now = time.monotonic()
             with self._lock:
-                if self._options is not None and time.monotonic() > self._deadline:
-                    self._options.terminate = True
+                for options, deadline in self._runs.values():
+                    if now > deadline:
+                        options.terminate = True
 
     def stop(self) -> None:
         self._stop.set()
