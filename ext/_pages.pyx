@@ -45,8 +45,12 @@ from ext._pages_py import EXPORTED, _exhausted, _geometry, _pages_for
 
 
 cdef inline int _put(tuple t, Py_ssize_t j, Py_ssize_t value) except -1:
-    """t[j] = value, in a tuple being built; an int is not tracked by the GC, so no code runs."""
-    item = value
+    """t[j] = value, in a tuple being built; an int is not tracked by the GC, so no code runs.
+
+    `item` must be declared an object: left untyped, Cython infers Py_ssize_t, and then
+    SET_ITEM steals a temporary that is freed at once (ints above 256 are not cached).
+    """
+    cdef object item = value
     Py_INCREF(item)
     PyTuple_SET_ITEM(t, j, item)
     return 0

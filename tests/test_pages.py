@@ -74,6 +74,19 @@ def test_geometry_and_accounting(impl: ModuleType) -> None:
     assert impl.PagePool(1 << 21).page_size == 1 << 20  # the default page
 
 
+def test_page_numbers_past_the_small_int_cache_survive(impl: ModuleType) -> None:
+    """Page indices above 256 are fresh int objects; the tuple must own them."""
+    big = impl.PagePool(1024 * 4096, 4096)
+    singles = [big.alloc(1) for _ in range(600)]
+    gc.collect()
+    assert [a.pages for a in singles] == [(i,) for i in range(600)]
+    assert big.alloc(300 * 4096).pages == tuple(range(600, 900))
+    assert sum(len(a.pages) for a in singles) == 600
+    for allocation in singles:
+        allocation.free()
+    big.close()
+
+
 def test_alloc_zero_takes_one_page(pool) -> None:
     a = pool.alloc(0)
     assert a.pages == (0,)
