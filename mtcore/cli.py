@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
         "--action-timeout", type=float, default=300.0, help="give up on an unanswered action"
     )
     b.add_argument("--max-pending-mb", type=int, default=2048, help="input bytes held, all tenants")
-    b.add_argument("--profile-batches", default="1,2,4,8")
+    b.add_argument("--profile-batches", default="1,2,4,8,16,32")
     b.add_argument(
         "--spin-us",
         type=int,

@@ -34,7 +34,7 @@ class BrokerConfig:
     action_timeout: float = 300.0  # an action a worker never answers is given up after this
     max_request_time: float = 600.0  # the same for a request without a deadline
     scheduler: str = "fifo"  # scheduler implementation (see broker.scheduler.make_scheduler)
-    profile_batches: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes measured at upload
+    profile_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # measured at upload, <= max_batch
     spin_us: int = 0  # busy-poll this long after each message before sleeping (latency vs CPU)
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from mtcore.config import WorkerConfig
 from mtcore.protocol import WCmd, decode_header, encode_tensor, frame_bytes
 from mtcore.transport import NOBLOCK, recv_frames
 from worker.executor import EXEC, ExecutorThread, Job
-from worker.worker import Worker
+from worker.worker import MAX_RESTARTS, Worker
 
 _ids = itertools.count(1)
 SHA = "ab" * 32
@@ -203,3 +203,21 @@ def test_an_executor_takes_the_earliest_deadline_first() -> None:
     table.close()
     sink.close(linger=0)
     ctx.term()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_worker_whose_executors_keep_dying_leaves(harness: Harness) -> None:
+    loaded(harness)
+    w = harness.worker
+
+    def dies(job: Job) -> Any:
+        raise Boom
+
+    for _ in range(MAX_RESTARTS + 1):
+        for thread in w.executors:
+            if thread.lane == EXEC:
+                thread.handle = dies
+        w.put(infer_job())
+        ((_, result),) = harness.messages(1)
+        assert result.status is ActionStatus.INTERNAL
+    assert w._stopping and w.restarts == MAX_RESTARTS + 1

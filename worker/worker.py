@@ -74,6 +74,7 @@ _LIMITS = Limits(
     max_frame_bytes=1 << 40, max_message_bytes=1 << 40, max_header_bytes=1 << 24, max_frames=1 << 20
 )  # the broker is trusted: bound only absurd input
 WAKE = b"wake"  # an executor's one-frame note: look at the need-bytes queue
+MAX_RESTARTS = 3  # executor threads found dead before the worker gives up and leaves
 LANES = {LoadModel: LOADER, UnloadModel: LOADER, ProfileModel: LOADER, Infer: EXEC}
 
 
@@ -412,12 +413,20 @@ class Worker:
         self.table.reap()
 
     def check_executors(self) -> None:
-        """Replace an executor thread that died; answer the action it was running."""
+        """Replace an executor thread that died; answer the action it was running.
+
+        A worker whose executors keep dying cannot run work: past MAX_RESTARTS it
+        leaves (DISCONNECT), and the broker retries its requests elsewhere.
+        """
         for i, thread in enumerate(self.executors):
             if thread.is_alive() or self._stopping:
                 continue
-            log.error("%s: executor %s died; starting a new one", self.name, thread.name)
             self.restarts += 1
+            if self.restarts > MAX_RESTARTS:
+                log.error("%s: executors died %d times; leaving", self.name, self.restarts)
+                self._stopping = True
+            else:
+                log.error("%s: executor %s died; starting a new one", self.name, thread.name)
             if thread.current is not None:
                 slot, job = thread.current
                 frames = self.reject(job, ActionStatus.INTERNAL, f"executor {thread.name} died")
@@ -425,6 +434,8 @@ class Worker:
                     self.on_executor_message(frames)
                 self.table.finish(slot)
                 thread.completed += 1
+            if self._stopping:
+                return
             fresh = self._executor(thread.name, thread.lane)
             fresh.completed = thread.completed
             self.executors[i] = fresh
