@@ -48,6 +48,7 @@ from mtcore.errors import (
     WorkerLost,
     error_for,
 )
+from mtcore.predictor import Predictor
 from mtcore.protocol import (
     TAG,
     VERSION,
@@ -110,6 +111,9 @@ class Broker:
             config.scheduler, config.max_queue, self.pending.__contains__
         )
         self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
+        self.predictor = Predictor()  # exec and load times, learned from every result
+        for record in self.registry.models.values():
+            self.seed_predictor(record)
         self.validator = CommitValidator()  # model checks off the loop
         self.commits: list[PendingCommit] = []  # commits being validated or profiled
         self.gc_shas: set[str] = set(self.registry.orphans())  # blobs to remove once unused
@@ -400,6 +404,7 @@ class Broker:
             "loads_by_tier": {  # successful LOADs by where the worker found the model
                 tier: self.counters[f"loads_from_{tier}"] for tier in ("device", "host", "cold")
             },
+            "predicted_within": self.predictor.within_share,  # exec/load within prediction
             "answers_by_status": answered,
         }
 
@@ -467,6 +472,7 @@ class Broker:
             return
         record.profile = dict(profile or {})
         record.measurements = dict(measurements or {})
+        self.seed_predictor(record)
         try:
             old = self.registry.put(record)
         except Exception as exc:  # disk or SQLite error: fail this commit, keep serving
@@ -550,7 +556,11 @@ class Broker:
         )
         self.workers[wid] = worker
         self.scheduler.add_worker(worker)
-        self.send_worker(wid, WCmd.READY, {"heartbeat_interval": self.config.heartbeat_interval})
+        ready = {
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "heartbeat_liveness": self.config.heartbeat_liveness,
+        }
+        self.send_worker(wid, WCmd.READY, ready)
         self.reprofile(worker)
         log.info(
             "worker %s joined (%s, budget %d bytes)", worker.name, worker.kind, worker.memory_budget
@@ -598,8 +608,15 @@ class Broker:
         del worker.inflight[action.id]
         if result.tiers is not None:
             worker.tiers = result.tiers
+        self.learn(action, result)
         self.scheduler.on_result(action, result.ok, now, result.evicted)
-        if isinstance(result, wire.InferResult):
+        if result.status is wire.ActionStatus.EXEC_MODEL_MISSING:
+            # The worker dropped the model (its own budget, a failed load): forget it
+            # there and give its requests another go rather than failing them.
+            worker.loaded.pop(action.sha256, None)
+            for request in action.requests:
+                self.retry_or_fail(request, now, worker.name, "no longer held the model")
+        elif isinstance(result, wire.InferResult):
             self.on_infer_result(action, result, msg.payload, now)
         elif isinstance(result, wire.ProfileModelResult):
             self.on_profile_result(action, result)
@@ -643,14 +660,14 @@ class Broker:
     def on_profile_result(self, action: Action, result: wire.ProfileModelResult) -> None:
         commit, _ = action.context
         if isinstance(commit, ModelRecord):  # a model published before any worker came
-            self.on_reprofile_result(commit, result)
+            self.on_reprofile_result(commit, result, action.worker.kind)
             return
         if commit not in self.commits:
             return
         if not result.ok:
             self._fail_commit(commit, profile_error(result))
             return
-        self._publish(commit, *profile_of(result))
+        self._publish(commit, *profile_of(result, action.worker.kind))
 
     def reprofile(self, worker: WorkerState) -> None:
         """Profile, on a worker that just joined, the models published without a profile."""
@@ -665,13 +682,16 @@ class Broker:
             self.send_action(action, time.monotonic())
             pending.add(record.sha256)
 
-    def on_reprofile_result(self, record: ModelRecord, result: wire.ProfileModelResult) -> None:
+    def on_reprofile_result(
+        self, record: ModelRecord, result: wire.ProfileModelResult, kind: str
+    ) -> None:
         if not result.ok:
             log.warning("profiling %s/%s failed: [%d] %s", record.tenant, record.name,
                         result.status, result.error)  # fmt: skip
             return
         if self.registry.get(record.tenant, record.name) is record:
-            self.registry.set_profile(record, *profile_of(result))
+            self.registry.set_profile(record, *profile_of(result, kind))
+            self.seed_predictor(record)
 
     def purge_lost_workers(self, now: float) -> None:
         for worker in list(self.workers.values()):
@@ -690,7 +710,7 @@ class Broker:
                             worker.name, action.kind.name, action.id, limit)  # fmt: skip
                 self.scheduler.on_result(action, False, now, [])
                 for request in action.requests:
-                    self.retry_or_fail(request, now, worker.name)
+                    self.retry_or_fail(request, now, worker.name, "never answered")
 
     def lose_worker(self, worker: WorkerState, why: str) -> None:
         log.warning("worker %s lost: %s", worker.name, why)
@@ -705,12 +725,15 @@ class Broker:
             self.retry_or_fail(request, now, worker.name)
         worker.inflight.clear()
 
-    def retry_or_fail(self, request: PendingRequest, now: float, worker_name: str) -> None:
+    def retry_or_fail(
+        self, request: PendingRequest, now: float, worker_name: str, why: str = "was lost"
+    ) -> None:
+        """Queue a request again once (if its deadline allows), else answer WORKER_LOST."""
         if request.rid not in self.pending:
             return
         if request.retries >= 1 or request.deadline <= now:
             self.answer_error(
-                request, WorkerLost(f"worker {worker_name} was lost while running this request")
+                request, WorkerLost(f"worker {worker_name} {why} while running this request")
             )
             return
         request.retries += 1
@@ -735,8 +758,35 @@ class Broker:
         for action in actions:
             self.send_action(action, now)
 
+    def seed_predictor(self, record: ModelRecord) -> None:
+        """Start the predictor's windows for a model from its upload profile."""
+        samples = record.measurements.get("samples") or {}
+        kind = str(record.measurements.get("kind", "cpu"))
+        self.predictor.seed_exec(record.sha256, kind, {int(b): t for b, t in samples.items()})
+
+    def learn(self, action: Action, result: wire.Result) -> None:
+        """Feed a measured duration to the predictor (exec per batch, load per tier)."""
+        kind = action.worker.kind
+        if isinstance(result, wire.InferResult) and result.ok and action.requests:
+            rows = sum(r.batch for r in action.requests)
+            self.predictor.observe_exec(action.sha256, kind, rows, result.timing.exec)
+        elif isinstance(result, wire.LoadModelResult) and result.ok and result.tier != "device":
+            size = next((m.size for m in self.registry.models.values()
+                         if m.sha256 == action.sha256), 0)  # fmt: skip
+            self.predictor.observe_load(action.sha256, kind, result.tier, size,
+                                        result.timing.load)  # fmt: skip
+
+    def expected_duration(self, action: Action) -> float:
+        """The predictor's seconds for an INFER (0.0 when it knows nothing yet)."""
+        if action.kind is not ActionKind.INFER or not action.requests:
+            return action.expected_duration
+        rows = sum(r.batch for r in action.requests)
+        us = self.predictor.exec_us(action.sha256, action.worker.kind, rows)
+        return (us or 0.0) / 1e6
+
     def send_action(self, action: Action, now: float) -> None:
         action.sent = now
+        action.expected_duration = self.expected_duration(action)
         message = wire_action(action, now)
         payload = [f for r in action.requests for f in r.frames]
         self.send_worker(action.worker.wid, message.cmd, message.to_header(), payload)
@@ -767,10 +817,13 @@ def wire_action(action: Action, now: float) -> wire.Action:
     return wire.ProfileModel(*common, batches=batches, samples=PROFILE_SAMPLES)
 
 
-def profile_of(result: wire.ProfileModelResult) -> tuple[dict[int, float], dict[str, Any]]:
+def profile_of(
+    result: wire.ProfileModelResult, kind: str
+) -> tuple[dict[int, float], dict[str, Any]]:
     """(median microseconds per batch size, every measurement) of a profile."""
     medians = {b: statistics.median(t) for b, t in result.profile.items() if t}
     measurements = {
+        "kind": kind,
         "samples": {str(b): t for b, t in result.profile.items()},
         "prepare_us": result.prepare_us,
         "build_us": result.build_us,

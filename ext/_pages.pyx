@@ -302,6 +302,8 @@ cdef class _Span:
     """
 
     def __getbuffer__(self, Py_buffer* buffer, int flags):
+        if self.pool is None:  # made by _Span.__new__, not by a pool
+            raise ValueError("not a view of a pool")
         self.pool._check_open()
         buffer.buf = self.pool.base + self.offset
         buffer.obj = self

@@ -58,7 +58,7 @@ TENANT_STATUS: dict[ActionStatus, Status] = {
     ActionStatus.LOAD_NO_ROOM: Status.LOAD_FAILED,
     ActionStatus.INPUT_INVALID: Status.INPUT_INVALID,
     ActionStatus.EXEC_TOO_LATE: Status.DEADLINE_EXPIRED,
-    ActionStatus.EXEC_MODEL_MISSING: Status.LOAD_FAILED,
+    ActionStatus.EXEC_MODEL_MISSING: Status.WORKER_LOST,
     ActionStatus.EXEC_FAILED: Status.EXEC_FAILED,
     ActionStatus.EXEC_STOPPED: Status.EXEC_FAILED,
     ActionStatus.INTERNAL: Status.INTERNAL,

@@ -104,12 +104,17 @@ def test_unknown_model_and_delete(client: Client) -> None:
 
 def test_status_reports_workers_and_models(client: Client) -> None:
     client.upload_model("status-model", zoo.model_bytes("tiny_add"))
-    client.infer("status-model", zoo.sample_inputs("tiny_add"))
+    for _ in range(3):
+        client.infer("status-model", zoo.sample_inputs("tiny_add"))
     status = client.status()
     assert len(status["workers"]) == 2
     assert status["tenant_models"] >= 1
     assert any(status["answers_by_status"].values())
     assert status["internal_errors"] == 0 and status["worker_malformed"] == 0
+    # the upload profile seeded the predictor, so every run was compared with a prediction
+    assert status["predicted_within"] is not None and 0.0 <= status["predicted_within"] <= 1.0
+    assert sum(status["loads_by_tier"].values()) >= 1  # loads counted by where they came from
+    assert all(w["host_models"] >= 0 and w["executor_restarts"] == 0 for w in status["workers"])
 
 
 def test_broker_restart_keeps_models(tmp_path) -> None:

@@ -19,7 +19,7 @@ import zmq
 
 from bench import zoo
 from ext import ActionTable
-from mtcore.actions import ActionStatus, Infer, LoadModel, decode_result
+from mtcore.actions import ActionStatus, Infer, LoadModel, UnloadModel, decode_result
 from mtcore.config import WorkerConfig
 from mtcore.protocol import WCmd, decode_header, encode_tensor, frame_bytes
 from mtcore.transport import NOBLOCK, recv_frames
@@ -221,3 +221,19 @@ def test_a_worker_whose_executors_keep_dying_leaves(harness: Harness) -> None:
         ((_, result),) = harness.messages(1)
         assert result.status is ActionStatus.INTERNAL
     assert w._stopping and w.restarts == MAX_RESTARTS + 1
+
+
+def test_an_unload_waits_for_the_infers_parked_behind_its_load(harness: Harness) -> None:
+    """LOAD x, INFER x, UNLOAD x: the lanes run in parallel, the broker's order holds."""
+    w = harness.worker
+    w.host.prepare(SHA, zoo.model_bytes("tiny_add"))
+    w.submit(Job(LoadModel(next(_ids), SHA)))
+    w.submit(infer_job())
+    w.submit(Job(UnloadModel(next(_ids), SHA)))
+    (_, load), (_, infer) = harness.messages(2)
+    assert load.ok and infer.ok, infer.error
+    end = time.monotonic() + 10
+    while SHA in w.device.models and time.monotonic() < end:
+        harness.pump()  # the UNLOAD goes once the INFER is done
+        time.sleep(0.01)
+    assert SHA not in w.device.models

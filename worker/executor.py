@@ -108,7 +108,9 @@ class ExecutorThread(threading.Thread):
     def _turn(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
         for slot, job in self.table.expire(self.lane, now):
-            self._finish(sock, slot, self._too_late(job, now))
+            self.current = (slot, job)
+            self._finish(sock, slot, self._too_late(job, now) if self._current_gen(job) else None)
+            self.current = None
         claimed = self.table.claim(self.lane, now)
         if claimed is None:
             wait = self.table.next_earliest(self.lane) - now
@@ -118,14 +120,19 @@ class ExecutorThread(threading.Thread):
         self.current = claimed
         job.claimed = time.monotonic()
         frames = None
-        if job.generation in (-1, self.generation()):  # else queued for a registration gone
+        if self._current_gen(job):  # else queued for a registration that is gone
             try:
                 frames = self.handle(job)
             except Exception as exc:  # a bug: answer so the action's requests are not lost
                 log.exception("%s failed on %s", self.name, type(job.action).__name__)
                 frames = self.reject(job, ActionStatus.INTERNAL, f"worker bug: {exc}")
+            if not self._current_gen(job):
+                frames = None  # the broker that asked is gone: its result would mislead
         self._finish(sock, slot, frames)
         self.current = None
+
+    def _current_gen(self, job: Job) -> bool:
+        return job.generation in (-1, self.generation())
 
     def _finish(self, sock: zmq.Socket, slot: int, frames: list[Any] | None) -> None:
         if frames:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 from mtcore.actions import (
     ActionStatus,
@@ -22,7 +23,7 @@ from mtcore.actions import (
     Timing,
     UnloadModel,
 )
-from mtcore.errors import LoadFailed, ModelInvalid, MTError, PoolExhausted
+from mtcore.errors import ModelInvalid, MTError, PoolExhausted
 from worker.executor import Job
 from worker.onnx_backend import (
     build_session,
@@ -84,7 +85,7 @@ class Loader:
                 return NEED_BYTES
             evicted = self._make_runnable(host)
         except MTError as exc:
-            status = ActionStatus.LOAD_FETCH_FAILED if job.error is not None else load_status(exc)
+            status = ActionStatus.LOAD_FETCH_FAILED if exc is job.error else load_status(exc)
             return self._failed(job, LoadModelResult, status, exc.message)
         return self._loaded(job, start, tier, evicted)
 
@@ -98,9 +99,16 @@ class Loader:
         if job.data is None:
             return None, "cold"
         host = self.host.prepare(sha, job.data)
-        host.session_bytes = measure_session_bytes(host, self.threads)
+        try:
+            host.session_bytes = measure_session_bytes(host, self.threads, self._guard)
+        except BaseException:
+            self.host.drop(sha)  # it does not run: no pages kept for it
+            raise
         job.data = None  # the bytes live in the pool now
         return host, "cold"
+
+    def _guard(self) -> Any:
+        return self.watchdog.guard(self.max_run_s)
 
     def _make_runnable(self, host: HostModel) -> list[str]:
         live = build_session(host, self.threads)
@@ -149,7 +157,7 @@ class Loader:
                 return NEED_BYTES
             return self._measure(job, host, data)
         except MTError as exc:
-            status = ActionStatus.LOAD_FETCH_FAILED if job.error is not None else load_status(exc)
+            status = ActionStatus.LOAD_FETCH_FAILED if exc is job.error else load_status(exc)
             return self._failed(job, ProfileModelResult, status, exc.message)
         except Exception as exc:
             error = f"the model loads but fails to run on random inputs: {str(exc)[:400]}"
@@ -167,9 +175,13 @@ class Loader:
             make_session(data, self.threads)
         fresh_us = (time.perf_counter() - start) * 1e6 if data is not None else 0.0
         with self.watchdog.guard(self.max_run_s) as options:
-            runs = profile(live, action.batches, action.samples, options)
+            try:
+                runs = profile(live, action.batches, action.samples, options)
+            except Exception:
+                if not options.terminate:
+                    raise
         if options.terminate:
-            raise LoadFailed(f"profiling ran longer than {self.max_run_s:g} s; stopped")
+            raise ModelInvalid(f"profiling ran longer than {self.max_run_s:g} s; stopped")
         return ProfileModelResult(
             action.action, action.sha256, tiers=self.tiers(),
             profile=runs, prepare_us=host.prepare_us, build_us=builds, fresh_us=fresh_us,

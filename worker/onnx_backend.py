@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mtcore.errors import ExecFailed, LoadFailed, ModelInvalid
+from mtcore.errors import ExecFailed, ModelInvalid
 from mtcore.protocol import DTYPES
 from worker.tiers import HostModel, resident_bytes, session_options, shared_arena_options
 
@@ -87,7 +87,7 @@ def build_session(host: HostModel, intra_op_threads: int = 0) -> LiveModel:
             str(host.graph_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise LoadFailed(f"the prepared model does not build: {str(exc).strip()[:400]}") from None
+        raise ModelInvalid(f"the prepared model does not build: {str(exc).strip()[:400]}") from None
     return _live(host.sha256, session, host.weight_bytes, start)
 
 
@@ -105,20 +105,28 @@ def _live(sha256: str, session: Any, nbytes: int, start: float) -> LiveModel:
     )
 
 
-def measure_session_bytes(host: HostModel, intra_op_threads: int = 0) -> int:
+def measure_session_bytes(host: HostModel, intra_op_threads: int, guard: Any) -> int:
     """What one runnable session of this model adds to the process: built, run once.
 
     Measured twice, the smaller kept: the first build also pays what the process pays
     once (ORT's first session, the shared arena growing to this model's activations),
-    which no later copy costs again.
+    which no later copy costs again. `guard` is the watchdog's `guard` (bound to its run
+    limit): a tenant's model may run forever, and this runs it.
     """
-    return min(_session_bytes_once(host, intra_op_threads) for _ in range(2))
+    return min(_session_bytes_once(host, intra_op_threads, guard) for _ in range(2))
 
 
-def _session_bytes_once(host: HostModel, intra_op_threads: int) -> int:
+def _session_bytes_once(host: HostModel, intra_op_threads: int, guard: Any) -> int:
     before = resident_bytes()
     live = build_session(host, intra_op_threads)
-    live.session.run(live.output_names, random_feeds(live.session, 1))
+    with guard() as options:
+        try:
+            live.session.run(live.output_names, random_feeds(live.session, 1), options)
+        except Exception as exc:
+            if options.terminate:
+                raise ModelInvalid("the model ran past the worker's run limit; stopped") from None
+            why = str(exc)[:400]
+            raise ModelInvalid(f"the model fails to run on random inputs: {why}") from None
     added = resident_bytes() - before
     del live
     return max(added, 64 * 1024)  # resident-set noise can read as a shrink

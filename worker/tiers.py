@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import shutil
 import threading
@@ -158,37 +159,43 @@ class _Tensor:
     nbytes: int
 
 
-def _external_tensors(graph_path: Path) -> list[_Tensor]:
+def _external_tensors(graph_path: Path) -> tuple[list[_Tensor], int]:
+    """The external initializers a numpy array can hold exactly, and how many others.
+
+    Packed types (INT4, FLOAT4...) are stored in fewer bytes than numpy's view of them
+    holds; ORT reads those from its own file, so that file is then kept.
+    """
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
     model = onnx.load(str(graph_path), load_external_data=False)
-    tensors = []
+    tensors, left_to_ort = [], 0
     for init in model.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue  # kept inline in the graph by ORT: it loads those itself
         info = {entry.key: entry.value for entry in init.external_data}
-        tensors.append(
-            _Tensor(
-                init.name,
-                np.dtype(tensor_dtype_to_np_dtype(init.data_type)),
-                tuple(init.dims),
-                int(info.get("offset", 0)),
-                int(info["length"]),
-            )
+        try:
+            dtype = np.dtype(tensor_dtype_to_np_dtype(init.data_type))
+        except (KeyError, TypeError, ValueError):
+            left_to_ort += 1
+            continue
+        tensor = _Tensor(
+            init.name, dtype, tuple(init.dims), int(info.get("offset", 0)), int(info["length"])
         )
-    return tensors
+        if math.prod(tensor.shape) * dtype.itemsize != tensor.nbytes or dtype.hasobject:
+            left_to_ort += 1
+            continue
+        tensors.append(tensor)
+    return tensors, left_to_ort
 
 
 def _read_weights(path: Path, tensors: list[_Tensor], arrays: list[np.ndarray]) -> None:
-    """Copy each tensor from ORT's weights file into its pages, then empty the file
-    (ORT checks that it exists and reads nothing from it)."""
+    """Copy each tensor from ORT's weights file into its pages."""
     with open(path, "rb") as f:
         for tensor, array in zip(tensors, arrays, strict=True):
             f.seek(tensor.offset)
             if f.readinto(array.reshape(-1).view(np.uint8)) != tensor.nbytes:
                 raise ModelInvalid(f"optimized weights of {tensor.name!r} are truncated")
-    os.truncate(path, 0)
 
 
 def _aligned(n: int) -> int:
@@ -266,17 +273,20 @@ class HostTier:
         import onnxruntime as ort
 
         graph_path = directory / GRAPH_FILE
-        tensors = _external_tensors(graph_path)
-        allocations, arrays = self._place(tensors)
+        tensors, left_to_ort = _external_tensors(graph_path)
+        allocations: list[Allocation] = []
         try:
+            arrays = self._place(tensors, allocations)
             if tensors:  # none when every initializer is small enough to stay inline
                 _read_weights(directory / WEIGHTS_FILE, tensors, arrays)
             values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         except BaseException:
-            del arrays
+            arrays = values = None  # the views go before their pages
             for allocation in allocations:
                 allocation.free()
             raise
+        if tensors and not left_to_ort:  # ORT checks that the file exists, reads nothing
+            os.truncate(directory / WEIGHTS_FILE, 0)
         return HostModel(
             sha,
             graph_path,
@@ -287,23 +297,19 @@ class HostTier:
             0.0,
         )
 
-    def _place(self, tensors: list[_Tensor]) -> tuple[list[Allocation], list[np.ndarray]]:
-        """Allocate pages for every tensor (evicting idle models if needed); array views."""
+    def _place(self, tensors: list[_Tensor], allocations: list[Allocation]) -> list[np.ndarray]:
+        """Allocate pages for every tensor (evicting idle models if needed), appending
+        them to `allocations` as they are made (the caller frees them on failure);
+        return an array view over its place for each tensor."""
         page_size = self.pool.page_size
         placement, pages, large = pack([t.nbytes for t in tensors], page_size)
-        allocations: list[Allocation] = []
-        try:
-            shared = self._alloc(pages * page_size, contiguous=False) if pages else None
-            if shared is not None:
-                allocations.append(shared)
-            runs = {}
-            for i in large:
-                runs[i] = self._alloc(tensors[i].nbytes, contiguous=True)
-                allocations.append(runs[i])
-        except BaseException:
-            for allocation in allocations:
-                allocation.free()
-            raise
+        shared = self._alloc(pages * page_size, contiguous=False) if pages else None
+        if shared is not None:
+            allocations.append(shared)
+        runs = {}
+        for i in large:
+            runs[i] = self._alloc(tensors[i].nbytes, contiguous=True)
+            allocations.append(runs[i])
         arrays = []
         for i, tensor in enumerate(tensors):
             if i in runs:
@@ -314,7 +320,7 @@ class HostTier:
             count = tensor.nbytes // tensor.dtype.itemsize
             flat = np.frombuffer(buffer, tensor.dtype, count=count, offset=offset)
             arrays.append(flat.reshape(tensor.shape))
-        return allocations, arrays
+        return arrays
 
     def _alloc(self, nbytes: int, contiguous: bool) -> Allocation:
         while True:
@@ -403,23 +409,28 @@ class DeviceTier:
         return sum(r.charge for r in self.models.values())
 
     def add(self, runnable: Runnable) -> list[str]:
-        """Add, first evicting least recently used idle sessions until it fits."""
-        evicted = []
+        """Add, evicting least recently used idle sessions until it fits; nothing is
+        evicted when even that would not make room."""
         with self.lock:
-            for sha in list(self.models):
-                if self.used() + runnable.charge <= self.budget:
+            free = self.budget - self.used()
+            victims = []
+            for sha, other in self.models.items():
+                if free >= runnable.charge:
                     break
-                if self.models[sha].in_use == 0 and not self.busy(sha):
-                    self._drop_locked(sha)
-                    evicted.append(sha)
-            if self.used() + runnable.charge > self.budget:
+                if other.in_use == 0 and not self.busy(sha):
+                    victims.append(sha)
+                    free += other.charge
+            if free < runnable.charge:
                 raise LoadFailed(
                     f"the model's session needs {runnable.charge} bytes; the device budget is"
-                    f" {self.budget}, of which {self.used()} are held by sessions in use"
+                    f" {self.budget}, and sessions in use or with work queued hold"
+                    f" {self.budget - free}"
                 )
+            for sha in victims:
+                self._drop_locked(sha)
             runnable.host.sessions += 1
             self.models[runnable.host.sha256] = runnable
-        return evicted
+        return victims
 
     def drop(self, sha: str) -> bool:
         with self.lock:

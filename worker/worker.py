@@ -64,7 +64,7 @@ from mtcore.protocol import (
 from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
 from worker.executor import EXEC, LOADER, ExecutorThread, Job, result_frames
 from worker.loader import NEED_BYTES, Loader
-from worker.runner import STOPPED, Runner
+from worker.runner import INLINE_LIMIT_S, STOPPED, Runner
 from worker.tiers import DeviceTier, HostTier
 from worker.watchdog import Watchdog
 
@@ -112,7 +112,7 @@ class Worker:
         self.executors: list[ExecutorThread] = []
         self.restarts = 0  # executor threads found dead and replaced
         self.need_bytes: queue.SimpleQueue[Job] = queue.SimpleQueue()  # loader -> I/O
-        self.infer_done: queue.SimpleQueue[str] = queue.SimpleQueue()  # an INFER ended: its sha
+        self.infer_done: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()  # (gen, sha)
         self.waiting: dict[str, list[Job]] = {}  # sha -> jobs parked until its bytes arrive
         self.fetching: dict[str, tuple[float, int]] = {}  # sha -> (sent at, attempts)
         self.loads_pending: Counter[str] = Counter()  # sha -> LOADs in the table
@@ -122,6 +122,7 @@ class Worker:
         self.broker: zmq.Socket | None = None  # DEALER, replaced on reconnect
         self.last_heard = 0.0  # monotonic: last message from the broker
         self.last_sent = 0.0  # monotonic: last message to the broker
+        self.heartbeat_every = config.heartbeat_interval  # shortened by the broker's READY
         self._stopping = False
         self.poller = zmq.Poller()  # broker and results, rebuilt on reconnect
         self._spin_until = 0.0  # busy-poll until then (config.spin_us after a message)
@@ -177,13 +178,13 @@ class Worker:
                 "%s: broker silent for %.1f s; reconnecting", self.name, now - self.last_heard
             )
             self.connect()
-        elif now - self.last_sent >= self.config.heartbeat_interval:
+        elif now - self.last_sent >= self.heartbeat_every:
             self.send(WCmd.HEARTBEAT, self.health())
 
     def _next_heartbeat_ms(self, now: float) -> int:
         """Sleep until the next heartbeat is due (at most half an interval), so an idle
         or busy worker is heard from every interval, never one and a half."""
-        interval = self.config.heartbeat_interval
+        interval = self.heartbeat_every
         due = self.last_sent + interval - now
         return max(1, int(min(due, interval / 2) * 1000))
 
@@ -265,7 +266,10 @@ class Worker:
         try:
             _, body = split_envelope(frames, hops=0)
             msg = parse_body(body, WORKER_TAG, WCmd, _LIMITS)
-            if msg.cmd in (WCmd.READY, WCmd.HEARTBEAT):
+            if msg.cmd is WCmd.READY:
+                self.on_registered(msg.header)
+                return
+            if msg.cmd is WCmd.HEARTBEAT:
                 return
             if msg.cmd is WCmd.DISCONNECT:
                 self.forget_broker_state()
@@ -280,25 +284,38 @@ class Worker:
             return
         self.submit(Job(action, msg.payload, generation=self.generation))
 
-    def submit(self, job: Job) -> None:
-        """Route a job: park it behind a fetch or a load, run it inline, or queue it."""
+    def on_registered(self, header: dict[str, Any]) -> None:
+        """Heartbeat at least three times per broker liveness period, so a busy moment
+        (a load holding the GIL, a loaded machine) never reads as a lost worker."""
+        liveness = header.get("heartbeat_liveness")
+        if isinstance(liveness, (int, float)) and liveness > 0:
+            self.heartbeat_every = min(self.config.heartbeat_interval, liveness / 3)
+
+    def submit(self, job: Job, fetched: bool = False) -> None:
+        """Route a job: park it behind a fetch, a load or INFERs, run it inline, or queue
+        it. `fetched`: it was waiting for its model's bytes, which have now arrived."""
         action, sha = job.action, job.action.sha256
-        if sha in self.waiting:
-            self.waiting[sha].append(job)
-            return
-        if isinstance(action, (LoadModel, ProfileModel)) and not self.loader.has(sha):
-            self.fetch(sha, [job])
-            return
+        if not fetched:
+            if sha in self.waiting:
+                self.waiting[sha].append(job)
+                return
+            if isinstance(action, (LoadModel, ProfileModel)) and not self.loader.has(sha):
+                self.fetch(sha, [job])
+                return
         if isinstance(action, Infer):
             if self.loads_pending[sha]:
                 self.behind_load.setdefault(sha, []).append(job)
                 return
             if self.try_inline(job):
                 return
-        if isinstance(action, UnloadModel) and self.infers_pending[sha]:
+        if isinstance(action, UnloadModel) and self.unload_must_wait(sha):
             self.behind_infers.setdefault(sha, []).append(job)
             return
         self.put(job)
+
+    def unload_must_wait(self, sha: str) -> bool:
+        """INFERs of the model came before the UNLOAD: queued, or parked behind its LOAD."""
+        return self.infers_pending[sha] > 0 or sha in self.behind_load
 
     def has_queued_infers(self, sha: str) -> bool:
         """Whether INFERs of this model wait in the table (the device tier keeps it)."""
@@ -313,12 +330,23 @@ class Worker:
         try:
             self.table.put(job, lane, job.earliest, job.latest)
         except MemoryError:  # TableFull: answer at once rather than hold it unbounded
+            if isinstance(job.action, UnloadModel):  # no answer to give: do it here
+                self.unload_here(job.action)
+                return
             frames = self.reject(job, _full_status(job), "the worker's request table is full")
             if frames:
                 self.on_executor_message(frames)
             return
         self.submitted[lane] += 1
         self.wakes[lane].release()
+
+    def unload_here(self, action: UnloadModel) -> None:
+        """Drop sessions from the I/O thread (the device tier takes its lock); the host
+        tier is the loader's, so a `forget` leaves its pages to LRU eviction."""
+        if action.all:
+            self.device.clear()
+        else:
+            self.device.drop(action.sha256)
 
     def try_inline(self, job: Job) -> bool:
         """Run a short INFER on this thread when no exec-lane job is outstanding.
@@ -333,9 +361,13 @@ class Worker:
             return False
         if job.latest < time.monotonic():
             return False  # let an executor answer it as too late
-        from worker.runner import INLINE_LIMIT_S
-
-        outcome = self.runner.infer(job, INLINE_LIMIT_S, inline=True)
+        try:
+            outcome = self.runner.infer(job, INLINE_LIMIT_S, inline=True)
+        except Exception as exc:  # a bug: answer, or the request waits for action_timeout
+            log.exception("%s: inline INFER failed", self.name)
+            result, _ = self.runner.failed(job, ActionStatus.INTERNAL, f"worker bug: {exc}")
+            self.forward_result(result_frames(result, WORKER_TAG))
+            return True
         if outcome is STOPPED:
             return False
         result, payload = outcome
@@ -378,13 +410,7 @@ class Worker:
         for job in self.waiting.pop(sha, []):
             if isinstance(job.action, (LoadModel, ProfileModel)):
                 job.data, job.error = data, error
-            self.submit_after_fetch(job)
-
-    def submit_after_fetch(self, job: Job) -> None:
-        if isinstance(job.action, Infer) and self.loads_pending[job.action.sha256]:
-            self.behind_load.setdefault(job.action.sha256, []).append(job)
-        else:
-            self.put(job)
+            self.submit(job, fetched=True)
 
     # -- from the executors --------------------------------------------------------
 
@@ -403,10 +429,14 @@ class Worker:
 
     def after_executors(self) -> None:
         """Act on what executors left for this thread: finished actions, missing bytes."""
-        for sha in _drained(self.infer_done):
+        for generation, sha in _drained(self.infer_done):
+            if generation not in (-1, self.generation):
+                continue  # counted under a registration that is gone
             for job in _count_down(self.infers_pending, sha, self.behind_infers):
                 self.put(job)
         for job in _drained(self.need_bytes):
+            if job.generation not in (-1, self.generation):
+                continue
             if isinstance(job.action, LoadModel):
                 self.loads_pending[job.action.sha256] -= 1  # put() counts it again
             self.fetch(job.action.sha256, [job])
@@ -459,7 +489,7 @@ class Worker:
         try:
             result, payload = self.runner.infer(job)
         finally:
-            self.infer_done.put(job.action.sha256)
+            self.infer_done.put((job.generation, job.action.sha256))
         return result_frames(result, WORKER_TAG, payload)
 
     def reject(self, job: Job, status: ActionStatus, error: str) -> list[Any] | None:
@@ -468,7 +498,7 @@ class Worker:
         result: Result
         if isinstance(action, Infer):
             if job.claimed == 0.0 or status is not ActionStatus.INTERNAL:
-                self.infer_done.put(action.sha256)  # else run_exec_job has counted it
+                self.infer_done.put((job.generation, action.sha256))  # else counted already
             result, _ = self.runner.failed(job, status, error)
         elif isinstance(action, LoadModel):
             result = LoadModelResult(action.action, action.sha256, status, error)
@@ -488,8 +518,13 @@ class Worker:
             self.wakes[thread.lane].release()
         for thread in self.executors:
             thread.join(timeout=10)
-        self.watchdog.stop()
+        self.watchdog.stop()  # after the joins: a run still going can still be stopped
         self.results.close()
+        if any(thread.is_alive() for thread in self.executors):
+            # A run or a load is still using pages: unmapping them under it would crash
+            # the process. The OS reclaims them when it exits.
+            log.error("%s: an executor did not stop; leaving the pools mapped", self.name)
+            return
         self.device.clear()
         self.host.close()
         self.table.close()

@@ -1,0 +1,158 @@
+"""The latency predictor: how long an action will take, from what such actions took.
+
+DNN execution time is nearly constant for a given model, batch size and machine kind,
+so the controller can plan with it. Per (model, worker kind, batch size) the predictor
+keeps a rolling window of measured execution times and predicts a high percentile of it
+(Clockwork keeps the last 10 and takes the 99th, in effect their maximum: conservative,
+so a plan made with it rarely runs late). Windows start from the upload profile's
+samples. Loads are predicted the same way per (model, kind, tier); a model with no load
+measured yet gets its bytes over the bandwidth measured for other models of that kind
+and tier (the slowest seen, again conservative).
+
+Drift: when the newest samples of a window all lie outside the band the older ones set
+(a slower neighbour, a throttled CPU, a changed machine), the older samples are dropped,
+so the prediction follows the new regime at once instead of after a whole window.
+`observe_*` return True then, for the controller to replan.
+
+No I/O, no clocks: microseconds in, microseconds out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+Key = tuple[str, str, int]  # (model sha256, worker kind, batch size)
+LoadKey = tuple[str, str, str]  # (model sha256, worker kind, tier: "host" or "cold")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of values, nearest-rank: always a measured value."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Window:
+    """The last `size` samples of one duration, with drift detection."""
+
+    size: int
+    samples: deque[float] = field(default_factory=deque)
+
+    def add(self, value: float, drift_ratio: float, drift_samples: int) -> bool:
+        """Add a sample; True when it completed a drift and the older samples were dropped."""
+        self.samples.append(value)
+        while len(self.samples) > self.size:
+            self.samples.popleft()
+        return self._drifted(drift_ratio, drift_samples)
+
+    def _drifted(self, ratio: float, recent_n: int) -> bool:
+        if len(self.samples) < 2 * recent_n:
+            return False
+        values = list(self.samples)
+        older, recent = values[:-recent_n], values[-recent_n:]
+        low, high = min(older) / ratio, max(older) * ratio
+        if all(v > high for v in recent) or all(v < low for v in recent):
+            self.samples = deque(recent)
+            return True
+        return False
+
+    def estimate(self, q: float) -> float | None:
+        return percentile(list(self.samples), q) if self.samples else None
+
+
+@dataclass
+class Predictor:
+    """Predicted microseconds of exec and load actions, learned from measurements."""
+
+    window: int = 10  # samples kept per key
+    quantile: float = 99.0  # the percentile predicted
+    drift_ratio: float = 1.5  # a sample this far outside the older ones' range is off
+    drift_samples: int = 3  # this many in a row is a drift
+    exec_windows: dict[Key, Window] = field(default_factory=dict)
+    load_windows: dict[LoadKey, Window] = field(default_factory=dict)
+    # (kind, tier) -> bytes per microsecond, the slowest recent load of any model
+    bandwidth: dict[tuple[str, str], Window] = field(default_factory=dict)
+    predicted: int = 0  # measurements compared with a prediction made before them
+    within: int = 0  # of those, how many took no longer than predicted
+
+    # -- execution ------------------------------------------------------------
+
+    def seed_exec(self, model: str, kind: str, samples: dict[int, list[float]]) -> None:
+        """Start windows from an upload profile (every run per batch size)."""
+        for batch, times in samples.items():
+            window = self.exec_windows.setdefault((model, kind, batch), Window(self.window))
+            for us in times[-self.window :]:
+                window.samples.append(float(us))
+            while len(window.samples) > self.window:
+                window.samples.popleft()
+
+    def exec_us(self, model: str, kind: str, batch: int) -> float | None:
+        """Predicted exec time of `batch` rows; None when nothing is known of the model.
+
+        A batch size with no window takes the smallest measured size above it; beyond
+        the largest, that one's time scaled linearly (batches grow about linearly on a
+        busy CPU, less than linearly on a GPU: conservative either way).
+        """
+        window = self.exec_windows.get((model, kind, batch))
+        if window is not None and window.samples:
+            return window.estimate(self.quantile)
+        sizes = sorted(b for (m, k, b), w in self.exec_windows.items()
+                       if m == model and k == kind and w.samples)  # fmt: skip
+        if not sizes:
+            return None
+        above = [b for b in sizes if b >= batch]
+        if above:
+            return self.exec_windows[(model, kind, above[0])].estimate(self.quantile)
+        largest = sizes[-1]
+        estimate = self.exec_windows[(model, kind, largest)].estimate(self.quantile)
+        return None if estimate is None else estimate * batch / largest
+
+    def observe_exec(self, model: str, kind: str, batch: int, us: float) -> bool:
+        """A measured exec time; True on a drift (the older samples were dropped)."""
+        self._score(self.exec_us(model, kind, batch), us)
+        window = self.exec_windows.setdefault((model, kind, batch), Window(self.window))
+        return window.add(float(us), self.drift_ratio, self.drift_samples)
+
+    # -- loads --------------------------------------------------------------------
+
+    def load_us(self, model: str, kind: str, tier: str, nbytes: int) -> float | None:
+        """Predicted time to make a model runnable from `tier` ("host" or "cold")."""
+        window = self.load_windows.get((model, kind, tier))
+        if window is not None and window.samples:
+            return window.estimate(self.quantile)
+        rates = self.bandwidth.get((kind, tier))
+        if rates is None or not rates.samples:
+            return None
+        return nbytes / min(rates.samples)
+
+    def observe_load(self, model: str, kind: str, tier: str, nbytes: int, us: float) -> bool:
+        self._score(self.load_us(model, kind, tier, nbytes), us)
+        if us > 0 and nbytes > 0:
+            rates = self.bandwidth.setdefault((kind, tier), Window(self.window))
+            rates.add(nbytes / us, self.drift_ratio, self.drift_samples)
+        window = self.load_windows.setdefault((model, kind, tier), Window(self.window))
+        return window.add(float(us), self.drift_ratio, self.drift_samples)
+
+    # -- accounting -----------------------------------------------------------------
+
+    def _score(self, predicted_us: float | None, measured_us: float) -> None:
+        if predicted_us is None:
+            return
+        self.predicted += 1
+        if measured_us <= predicted_us:
+            self.within += 1
+
+    @property
+    def within_share(self) -> float | None:
+        """Share of measurements that stayed within the prediction made before them."""
+        return self.within / self.predicted if self.predicted else None
+
+    def forget(self, model: str) -> None:
+        """A model went away: drop its windows."""
+        for key in [k for k in self.exec_windows if k[0] == model]:
+            del self.exec_windows[key]
+        for key in [k for k in self.load_windows if k[0] == model]:
+            del self.load_windows[key]
