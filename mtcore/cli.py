@@ -83,6 +83,16 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--page-kb", type=int, default=1024, help="the host pool's page size")
     w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     w.add_argument("--exec-threads", type=int, default=1, help="exec executors (batches at once)")
+    w.add_argument(
+        "--simulate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N simulated workers (times from profiles, no models) instead of one real one",
+    )
+    w.add_argument("--sim-min-exec-us", type=float, default=500.0)
+    w.add_argument("--sim-max-exec-us", type=float, default=20_000.0)
+    w.add_argument("--sim-noise", type=float, default=0.05, help="lognormal sigma per run")
     w.add_argument("--max-run-s", type=float, default=60.0, help="stop a model run after this")
     w.add_argument(
         "--spin-us",
@@ -140,6 +150,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_simulated(args: argparse.Namespace) -> int:
+    from worker.simulated import SimConfig, SimulatedWorkers
+
+    sim = SimulatedWorkers(
+        SimConfig(
+            backend=args.backend,
+            count=args.simulate,
+            name=args.name or f"sim{os.getpid()}",
+            memory_budget=args.memory_mb * MIB,
+            exec_threads=args.exec_threads,
+            noise=args.sim_noise,
+            min_exec_us=args.sim_min_exec_us,
+            max_exec_us=args.sim_max_exec_us,
+        )
+    )
+    signal.signal(signal.SIGTERM, lambda *_: setattr(sim, "stopping", True))
+    signal.signal(signal.SIGINT, lambda *_: setattr(sim, "stopping", True))
+    try:
+        sim.run()
+    finally:
+        sim.close()
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from broker.broker import Broker
     from mtcore.cluster import ENDPOINTS_FILE
@@ -180,6 +214,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from mtcore.config import WorkerConfig
     from worker.worker import Worker
+
+    if args.simulate:
+        return run_simulated(args)
 
     config = WorkerConfig(
         backend=args.backend,
