@@ -107,11 +107,11 @@ class Broker:
         self.uploads = Uploads(config.state_dir / "uploads", config.max_model_bytes)
         self.pending = RequestTable()  # rid -> PendingRequest, until answered
         self.pending_bytes = 0  # input bytes those requests hold
+        self.predictor = Predictor()  # exec and load times, learned from every result
         self.scheduler = make_scheduler(
-            config.scheduler, config.max_queue, self.pending.__contains__
+            config.scheduler, config.max_queue, self.pending.__contains__, self.predictor
         )
         self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
-        self.predictor = Predictor()  # exec and load times, learned from every result
         for record in self.registry.models.values():
             self.seed_predictor(record)
         self.validator = CommitValidator()  # model checks off the loop

@@ -4,7 +4,7 @@
 `add_worker`, `on_result`, `schedule`, `expire`, `on_worker_lost` and `drop_model`.
 `FifoLruScheduler` is the baseline: per-model FIFO queues, models loaded on demand,
 evicted least-recently-used when a worker's budget is full, batches up to the model's
-cap. The predictive scheduler (DESIGN.md section 4) will be a second implementation.
+cap. `broker.predictive.PredictiveScheduler` is the second implementation.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from mtcore.errors import DeadlineUnmeetable, LoadFailed, Overloaded
+from mtcore.predictor import Predictor
 
 PIPELINE_DEPTH = 2  # INFER actions in flight per worker: one running, one ready behind it
 
@@ -265,7 +266,16 @@ class FifoLruScheduler(Scheduler):
             self.with_deadlines.discard(sha)
 
 
-def make_scheduler(name: str, max_queue: int, alive: Callable[[int], bool]) -> Scheduler:
+SCHEDULERS = ("fifo", "predictive")
+
+
+def make_scheduler(
+    name: str, max_queue: int, alive: Callable[[int], bool], predictor: Predictor | None = None
+) -> Scheduler:
     if name == "fifo":
         return FifoLruScheduler(max_queue, alive)
-    raise ValueError(f"unknown scheduler {name!r}; available: fifo")
+    if name == "predictive":
+        from broker.predictive import PredictiveScheduler
+
+        return PredictiveScheduler(max_queue, alive, predictor or Predictor())
+    raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")

@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--max-pending-mb", type=int, default=2048, help="input bytes held, all tenants")
     b.add_argument("--profile-batches", default="1,2,4,8,16,32")
+    b.add_argument("--scheduler", choices=("fifo", "predictive"), default="fifo")
     b.add_argument(
         "--spin-us",
         type=int,
@@ -188,6 +189,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         max_pending_bytes=args.max_pending_mb * MIB,
         heartbeat_liveness=args.heartbeat_liveness,
         action_timeout=args.action_timeout,
+        scheduler=args.scheduler,
         limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
         spin_us=args.spin_us,

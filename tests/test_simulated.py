@@ -17,14 +17,17 @@ from mtcore.errors import MTError
 from tests.conftest import start_cluster
 from worker.simulated import SimConfig, SimulatedWorkers, profile_for
 
+TINY = len(zoo.model_bytes("tiny_add"))  # room for three of them per simulated worker
 
-@pytest.fixture
-def sim_cluster(tmp_path) -> Iterator[tuple[object, SimulatedWorkers]]:
-    cluster = start_cluster(tmp_path, workers=0, broker_args=["--profile-batches", "1,2,4"])
+
+@pytest.fixture(params=["fifo", "predictive"])
+def sim_cluster(tmp_path, request) -> Iterator[tuple[object, SimulatedWorkers]]:
+    args = ["--profile-batches", "1,2,4", "--scheduler", request.param]
+    cluster = start_cluster(tmp_path, workers=0, broker_args=args)
     ctx = zmq.Context()
     sim = SimulatedWorkers(SimConfig(backend=cluster.backend, count=8, min_exec_us=200.0,
-                                     max_exec_us=2_000.0, model_bytes=1 << 20,
-                                     memory_budget=3 << 20), ctx)  # fmt: skip
+                                     max_exec_us=2_000.0,
+                                     memory_budget=3 * TINY + 100), ctx)  # fmt: skip
     thread = threading.Thread(target=sim.run, kwargs={"until": time.monotonic() + 90})
     thread.start()
     try:
@@ -68,8 +71,7 @@ def test_simulated_workers_serve_every_request(sim_cluster) -> None:
         np.testing.assert_array_equal(result.outputs["output0"], x["input"])
     with Client(cluster.address, tenant="sim", timeout=60) as client:
         status = client.status()
-    # 12 models, room for 3 on each simulated worker: they evict on their own (reported
-    # in `evicted`), so models are loaded again and again
+    # 12 models, room for 3 on each simulated worker: models are evicted and loaded again
     assert status["loads"] > 12
     assert status["internal_errors"] == 0 and status["worker_malformed"] == 0
     assert status["predicted_within"] is not None

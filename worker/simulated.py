@@ -14,7 +14,9 @@ a two-core machine (Clockwork's `worker_dummy` plays the same part).
 Durations: a model's profile is drawn once from its sha256 (so every simulated worker
 and every run agree): a base batch-1 time between `--min-exec-us` and `--max-exec-us`
 (log-uniform), growing by 0.6x of it per extra row; host -> device from its byte size
-over a fixed bandwidth; cold -> host one more full build. Each run then takes its
+(fetched once, as a real worker fetches the cold tier; only the size is kept) over a
+fixed bandwidth; cold -> host one more full build. Each model charges its byte size
+against the device budget, as the broker's planning assumes. Each run then takes its
 profile time times lognormal noise (`--noise`, sigma; 0.05 by default), the spread of
 execution times measured on the real CPU workers here. PROFILE_MODEL answers with
 `samples` such draws per batch size. INFER outputs echo the input frames (one output
@@ -94,7 +96,6 @@ class SimConfig:
     noise: float = 0.05  # lognormal sigma of each run's time
     min_exec_us: float = 500.0
     max_exec_us: float = 20_000.0
-    model_bytes: int = 10 << 20  # size assumed for a model (no bytes are fetched)
     heartbeat_interval: float = 1.0
     seed: int = 0
 
@@ -109,6 +110,7 @@ class SimWorker:
     loader_free: float = 0.0
     device: dict[str, int] = field(default_factory=dict)  # sha -> bytes, insertion = LRU
     host: set[str] = field(default_factory=set)
+    waiting: dict[str, list[Any]] = field(default_factory=dict)  # sha -> actions until fetched
     last_sent: float = 0.0
     incarnation: str = ""
 
@@ -127,6 +129,7 @@ class SimulatedWorkers:
         self.by_socket = {w.sock: w for w in self.workers}
         self.stopping = False
         self.sent = 0  # results sent, all workers
+        self.sizes: dict[str, int] = {}  # sha -> model bytes, learned by fetching once
 
     def _worker(self, i: int) -> SimWorker:
         sock = make_socket(self.ctx, zmq.DEALER)
@@ -184,7 +187,9 @@ class SimulatedWorkers:
                 if msg.cmd is WCmd.DISCONNECT:
                     worker.device.clear()
                     self._send(worker, WCmd.READY, self._ready(worker))
-                elif msg.cmd not in (WCmd.READY, WCmd.HEARTBEAT, WCmd.FETCH_MODEL):
+                elif msg.cmd is WCmd.FETCH_MODEL:
+                    self.on_fetched(worker, msg.header, msg.payload)
+                elif msg.cmd not in (WCmd.READY, WCmd.HEARTBEAT):
                     self.on_action(worker, decode_action(msg.cmd, msg.header), msg.payload)
             except MTError:
                 continue  # the broker is trusted; a bad message is dropped, as a worker does
@@ -204,10 +209,31 @@ class SimulatedWorkers:
 
     def profile(self, sha: str) -> SimProfile:
         c = self.config
-        return profile_for(sha, c.model_bytes, c.min_exec_us, c.max_exec_us)
+        return profile_for(sha, self.sizes[sha], c.min_exec_us, c.max_exec_us)
+
+    def on_fetched(self, worker: SimWorker, header: dict[str, Any], payload: list[Any]) -> None:
+        """The model's bytes: only their size is kept (what loads cost, what they hold)."""
+        sha = str(header.get("sha256", ""))
+        if header.get("status", 0) == 0 and len(payload) == 1:
+            self.sizes[sha] = len(payload[0])
+        for action in worker.waiting.pop(sha, []):
+            if sha not in self.sizes:
+                fail = LoadModelResult if isinstance(action, LoadModel) else ProfileModelResult
+                status, why = ActionStatus.LOAD_FETCH_FAILED, "the store did not deliver"
+                self._at(time.monotonic(), worker, fail(action.action, sha, status, why), [])
+            else:
+                self.on_action(worker, action, [])
 
     def on_action(self, worker: SimWorker, action: Any, payload: list[Any]) -> None:
         now = time.monotonic()
+        sha = action.sha256
+        if sha in worker.waiting:
+            worker.waiting[sha].append(action)
+            return
+        if isinstance(action, (LoadModel, ProfileModel)) and sha not in self.sizes:
+            worker.waiting[sha] = [action]  # the cold tier, as a real worker fetches it
+            self._send(worker, WCmd.FETCH_MODEL, {"sha256": sha})
+            return
         if isinstance(action, UnloadModel):
             if action.all:
                 worker.device.clear()
@@ -223,7 +249,7 @@ class SimulatedWorkers:
             self.on_profile(worker, action, now)
 
     def on_load(self, worker: SimWorker, action: LoadModel, now: float) -> None:
-        sha, size = action.sha256, self.config.model_bytes
+        sha, size = action.sha256, self.sizes[action.sha256]
         start = max(now + action.earliest, worker.loader_free)
         if start > now + action.latest:
             late = LoadModelResult(action.action, sha, ActionStatus.LOAD_TOO_LATE,
@@ -306,8 +332,8 @@ class SimulatedWorkers:
         result = ProfileModelResult(
             action.action, action.sha256, tiers=self._tiers(worker), profile=samples,
             prepare_us=prof.load_cold, build_us=[self.noisy(prof.load_host) for _ in range(5)],
-            fresh_us=prof.load_cold, weight_bytes=self.config.model_bytes,
-            session_bytes=self.config.model_bytes,
+            fresh_us=prof.load_cold, weight_bytes=self.sizes[action.sha256],
+            session_bytes=self.sizes[action.sha256],
         )  # fmt: skip
         self._at(worker.loader_free, worker, result, [])
 
