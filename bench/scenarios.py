@@ -54,7 +54,7 @@ from bench.workload import TenantMix, open_loop
 RESULTS = Path(__file__).parent / "results"
 ZOO_CACHE = Path(tempfile.gettempdir()) / "mtbench-zoo"
 CPUS = os.cpu_count() or 1
-SCENARIOS = ("tiny-latency", "pipelined", "resnet18", "zipf50")
+SCENARIOS = ("tiny-latency", "pipelined", "resnet18", "zipf50", "overload")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -150,7 +150,7 @@ def finish(doc: dict[str, Any], scenario: str, out_dir: Path) -> dict[str, Any]:
     report.plot(doc, out_dir, prefix=f"{scenario}_")
     print()
     report.print_table(doc)
-    for key in ("goal", "goal_spin"):
+    for key in ("goal", "goal_spin", "goal_vs_bare", "goal_rejection"):
         g = doc["config"].get(key)
         if g:
             value = fmt_value(g["value"])
@@ -327,17 +327,22 @@ def batch1_seconds(path: Path, kind: str, runs: int = 30, threads: int = 1) -> f
     return statistics.median(times)
 
 
-def zipf50_targets(size: int, resident: int, ray: bool) -> list[Target]:
+def zipf50_targets(
+    size: int, resident: int, ray: bool, schedulers: Sequence[str] = ("fifo",)
+) -> list[Target]:
     """mtserve with room for `resident` models; the bare server with all; Ray if asked.
 
     One ONNX Runtime thread per session everywhere: with two shared cores, a two-thread
     session's spinning pool collapses (3-5x slower here) as soon as the load generator or
     a neighbour wants a core, which would measure the noise, not the serving.
     """
+    memory_mb = memory_mb_for(resident, size)
     targets: list[Target] = [
-        MtserveTarget(threads=1, memory_mb=memory_mb_for(resident, size)),
-        ZmqTarget(threads=1),
-    ]
+        MtserveTarget(threads=1, memory_mb=memory_mb, scheduler=name,
+                      name="mtserve" if name == "fifo" else f"mtserve-{name}")
+        for name in schedulers
+    ]  # fmt: skip
+    targets.append(ZmqTarget(threads=1))
     if ray:
         ok, why = ray_available()
         if ok:
@@ -359,6 +364,8 @@ def zipf50(
     seed: int = 0,
     drain_s: float = 10.0,
     out_dir: Path = RESULTS,
+    schedulers: Sequence[str] = ("fifo",),
+    scenario: str = "zipf50",
 ) -> dict[str, Any]:
     """Goal 4: many models, few resident, deadlines: goodput and attainment beside baselines.
 
@@ -378,8 +385,9 @@ def zipf50(
     inputs = zoo.sample_inputs(kind)
     inputs_by_model = dict.fromkeys(names, inputs)
     results: dict[str, Any] = {}
+    records_by_target: dict[str, list[RequestRecord]] = {}
     lateness: dict[str, Any] = {}
-    for target in zipf50_targets(size, resident, ray):
+    for target in zipf50_targets(size, resident, ray, schedulers):
         with started([target], models):
             warm(target, names[:resident], inputs)
             stats = OpenLoopStats()
@@ -390,6 +398,7 @@ def zipf50(
                 )
             )  # fmt: skip
         results[target.name] = report.target_result(records, dur, samples)
+        records_by_target[target.name] = records
         lateness[target.name] = stats.summary()
     config = {
         "model": kind,
@@ -408,10 +417,39 @@ def zipf50(
         "ray": "2 replicas x 4 models, 1 thread each" if "ray" in results else "not run",
     }
     good = {name: r["summary"]["goodput_rps"] for name, r in results.items()}
-    ratio = good["mtserve"] / good["zmq"] if good.get("zmq") else None
-    config["goal"] = goal("mtserve goodput / all-resident bare server's", ratio, ">=", 0.7)
-    doc = report.build_results("zipf50", config, results, meta())
-    return finish(doc, "zipf50", out_dir)
+    if scenario == "overload":
+        config.update(overload_goals(good, records_by_target, rate / load))
+    else:
+        ratio = good["mtserve"] / good["zmq"] if good.get("zmq") else None
+        config["goal"] = goal("mtserve goodput / all-resident bare server's", ratio, ">=", 0.7)
+    doc = report.build_results(scenario, config, results, meta())
+    return finish(doc, scenario, out_dir)
+
+
+def overload(**kwargs: Any) -> dict[str, Any]:
+    """zipf50's 50 models at 150% of capacity, both schedulers beside the bare server."""
+    kwargs.setdefault("load", 1.5)
+    return zipf50(schedulers=("fifo", "predictive"), scenario="overload", **kwargs)
+
+
+def overload_goals(
+    good: dict[str, float], records: dict[str, list[RequestRecord]], capacity: float
+) -> dict[str, Any]:
+    """The predictive scheduler against capacity and the bare server; rejection speed."""
+    mine = good.get("mtserve-predictive", 0.0)
+    rejections = [r.latency_ms for r in records.get("mtserve-predictive", ())
+                  if r.status == 50 and r.latency_ms is not None]  # fmt: skip
+    p99 = statistics.quantiles(rejections, n=100)[98] if len(rejections) > 1 else None
+    return {
+        "goal": goal("predictive goodput / capacity", mine / capacity, ">=", 0.9),
+        "goal_vs_bare": goal(
+            "predictive goodput / all-resident bare server's",
+            _ratio(mine, good.get("zmq")),
+            ">=",
+            2.0,
+        ),
+        "goal_rejection": goal("predictive rejection p99 ms", p99, "<=", 5.0),
+    }
 
 
 def warm(target: Target, models: Sequence[str], inputs: Inputs) -> None:
@@ -438,6 +476,7 @@ def quick_args(name: str) -> dict[str, Any]:
         "pipelined": {"n": 2000, "windows": (16, 128)},
         "resnet18": {"n": 6, "rounds": 2, "warmup": 2},
         "zipf50": {"duration": 4.0, "n_models": 6, "resident": 2, "drain_s": 3.0},
+        "overload": {"duration": 4.0, "n_models": 6, "resident": 2, "drain_s": 3.0},
     }[name]
 
 
@@ -446,6 +485,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "pipelined": pipelined,
     "resnet18": resnet18_latency,
     "zipf50": zipf50,
+    "overload": overload,
 }
 
 
@@ -453,7 +493,7 @@ def run_scenario(
     name: str, *, quick: bool = False, ray: bool = False, out_dir: Path = RESULTS
 ) -> dict[str, Any]:
     kwargs = quick_args(name) if quick else {}
-    if name == "zipf50":
+    if name in ("zipf50", "overload"):
         kwargs["ray"] = ray
     print(f"== {name}{' (quick)' if quick else ''}", flush=True)
     return RUNNERS[name](out_dir=out_dir, **kwargs)

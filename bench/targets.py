@@ -172,9 +172,11 @@ class MtserveTarget(_RemoteTarget):
         timeout: float = 120.0,
         name: str = "mtserve",
         spin_us: int = 0,
+        scheduler: str = "fifo",
     ) -> None:
         self.name = name
         self.spin_us = spin_us  # busy-poll window of broker and workers (--spin-us)
+        self.scheduler = scheduler  # the broker's --scheduler
         self.workers = workers
         self.memory_mb = memory_mb  # each worker's budget for live models
         self.max_batch = max_batch  # broker cap and the cap asked for at upload
@@ -193,6 +195,7 @@ class MtserveTarget(_RemoteTarget):
         self._new_state("mtbench-mtserve-")
         broker_args = ["--profile-batches", self.profile_batches]
         broker_args += ["--max-batch", str(self.max_batch), "--spin-us", str(self.spin_us)]
+        broker_args += ["--scheduler", self.scheduler]
         self.cluster = LocalCluster(
             self._state,
             workers=self.workers,
