@@ -19,6 +19,7 @@ No I/O, no clocks: microseconds in, microseconds out.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Predictor:
     drift_ratio: float = 1.5  # a sample this far outside the older ones' range is off
     drift_samples: int = 3  # this many in a row is a drift
     exec_windows: dict[Key, Window] = field(default_factory=dict)
+    # (model, kind) -> batch sizes with a window, sorted: the fallback's lookup, O(sizes)
+    _sizes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     load_windows: dict[LoadKey, Window] = field(default_factory=dict)
     # (kind, tier) -> bytes per microsecond, the slowest recent load of any model
     bandwidth: dict[tuple[str, str], Window] = field(default_factory=dict)
@@ -83,7 +86,7 @@ class Predictor:
     def seed_exec(self, model: str, kind: str, samples: dict[int, list[float]]) -> None:
         """Start windows from an upload profile (every run per batch size)."""
         for batch, times in samples.items():
-            window = self.exec_windows.setdefault((model, kind, batch), Window(self.window))
+            window = self._exec_window(model, kind, batch)
             for us in times[-self.window :]:
                 window.samples.append(float(us))
             while len(window.samples) > self.window:
@@ -99,8 +102,8 @@ class Predictor:
         window = self.exec_windows.get((model, kind, batch))
         if window is not None and window.samples:
             return window.estimate(self.quantile)
-        sizes = sorted(b for (m, k, b), w in self.exec_windows.items()
-                       if m == model and k == kind and w.samples)  # fmt: skip
+        sizes = [b for b in self._sizes.get((model, kind), ())
+                 if self.exec_windows[(model, kind, b)].samples]  # fmt: skip
         if not sizes:
             return None
         above = [b for b in sizes if b >= batch]
@@ -113,8 +116,15 @@ class Predictor:
     def observe_exec(self, model: str, kind: str, batch: int, us: float) -> bool:
         """A measured exec time; True on a drift (the older samples were dropped)."""
         self._score(self.exec_us(model, kind, batch), us)
-        window = self.exec_windows.setdefault((model, kind, batch), Window(self.window))
+        window = self._exec_window(model, kind, batch)
         return window.add(float(us), self.drift_ratio, self.drift_samples)
+
+    def _exec_window(self, model: str, kind: str, batch: int) -> Window:
+        window = self.exec_windows.get((model, kind, batch))
+        if window is None:
+            window = self.exec_windows[(model, kind, batch)] = Window(self.window)
+            bisect.insort(self._sizes.setdefault((model, kind), []), batch)
+        return window
 
     # -- loads --------------------------------------------------------------------
 
@@ -154,5 +164,7 @@ class Predictor:
         """A model went away: drop its windows."""
         for key in [k for k in self.exec_windows if k[0] == model]:
             del self.exec_windows[key]
+        for key in [k for k in self._sizes if k[0] == model]:
+            del self._sizes[key]
         for key in [k for k in self.load_windows if k[0] == model]:
             del self.load_windows[key]
