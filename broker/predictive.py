@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from broker.scheduler import PIPELINE_DEPTH, FifoLruScheduler
 from broker.state import Action, PendingRequest, WorkerState
-from mtcore.errors import DeadlineExpired, DeadlineUnmeetable, Overloaded
+from mtcore.errors import DeadlineExpired, DeadlineUnmeetable
 from mtcore.predictor import Predictor
 
 UNKNOWN_EXEC_US = 0.0  # a model with no profile: admitted (its first runs teach the predictor)
@@ -91,21 +91,19 @@ class PredictiveScheduler(FifoLruScheduler):
 
     # -- requests ------------------------------------------------------------------
 
-    def add_request(self, request: PendingRequest, now: float) -> None:
-        if self._queued >= self.max_queue:
-            raise Overloaded(f"{self._queued} requests queued; retry later")
-        if request.deadline != math.inf and self.workers:
-            self._admit(request, now)
-        queue = self.queues.setdefault(request.model.sha256, deque())
-        if request.retries:
-            queue.appendleft(request)
-        else:
-            _insert_by_deadline(queue, request)
-        self._queued += 1
-        if request.deadline != math.inf:
-            self.with_deadlines.add(request.model.sha256)
+    def enqueue(self, queue: deque[PendingRequest], request: PendingRequest) -> None:
+        """By deadline: after the earlier and equal ones (queues are nearly always in
+        order already, so this is nearly always an append)."""
+        index = len(queue)
+        while index > 0 and queue[index - 1].deadline > request.deadline:
+            index -= 1
+        queue.insert(index, request)
 
-    def _admit(self, request: PendingRequest, now: float) -> None:
+    def admit(self, request: PendingRequest, now: float) -> None:
+        """Refuse what is predicted to finish late: the earliest start, the requests of
+        its model queued ahead, its own run (as few full batches as they fill)."""
+        if not self.workers:
+            return  # no timeline to predict on: the queue holds it until a worker joins
         model = request.model
         queue = self.queues.get(model.sha256, ())
         ahead = sum(r.batch for r in queue if r.deadline <= request.deadline)
@@ -122,26 +120,12 @@ class PredictiveScheduler(FifoLruScheduler):
                 f" deadline leaves {(request.deadline - now) * 1e3:.1f} ms"
             )
 
-    def expire(self, now: float) -> list[PendingRequest]:
-        """Requests that can no longer finish in time, even if they started now."""
-        expired = []
-        for sha, queue in self.queues.items():
-            if sha not in self.with_deadlines:
-                continue
-            keep: deque[PendingRequest] = deque()
-            for request in queue:
-                if not self.alive(request.rid):
-                    self._queued -= 1
-                elif now + self.exec_s(request, request.batch) > request.deadline:
-                    expired.append(request)
-                    self._queued -= 1
-                    self.answered_early += 1
-                else:
-                    keep.append(request)
-            queue.clear()
-            queue.extend(keep)
-        self._drop_empty_queues()
-        return expired
+    def cannot_finish(self, request: PendingRequest, now: float) -> bool:
+        """Even started now, it would finish after its deadline: answer it early."""
+        if now + self.exec_s(request, request.batch) <= request.deadline:
+            return False
+        self.answered_early += 1
+        return True
 
     # -- dispatch --------------------------------------------------------------------
 
@@ -249,14 +233,3 @@ class PredictiveScheduler(FifoLruScheduler):
 
     _now: float = 0.0  # the time of the current schedule() pass
     _picked: WorkerState | None = None  # the worker _pick_worker chose for this batch
-
-
-def _insert_by_deadline(queue: deque[PendingRequest], request: PendingRequest) -> None:
-    """Append, or insert before the later deadlines (queues are nearly always in order)."""
-    if not queue or queue[-1].deadline <= request.deadline:
-        queue.append(request)
-        return
-    index = len(queue)
-    while index > 0 and queue[index - 1].deadline > request.deadline:
-        index -= 1
-    queue.insert(index, request)

@@ -78,6 +78,19 @@ class FifoLruScheduler(Scheduler):
     def add_request(self, request: PendingRequest, now: float) -> None:
         if self._queued >= self.max_queue:
             raise Overloaded(f"{self._queued} requests queued; retry later")
+        if request.deadline != math.inf:
+            self.admit(request, now)
+        queue = self.queues.setdefault(request.model.sha256, deque())
+        if request.retries:
+            queue.appendleft(request)  # a retry is older than what queued behind it
+        else:
+            self.enqueue(queue, request)
+        self._queued += 1
+        if request.deadline != math.inf:
+            self.with_deadlines.add(request.model.sha256)
+
+    def admit(self, request: PendingRequest, now: float) -> None:
+        """Raise DeadlineUnmeetable if the request's own run already misses its deadline."""
         exec_us = request.model.predicted_us(request.batch)
         if exec_us and now + exec_us / 1e6 > request.deadline:
             budget_ms = (request.deadline - now) * 1e3
@@ -85,14 +98,10 @@ class FifoLruScheduler(Scheduler):
                 f"model '{request.model.name}' takes about {exec_us / 1e3:.1f} ms for "
                 f"{request.batch} row(s); the deadline leaves {budget_ms:.1f} ms"
             )
-        queue = self.queues.setdefault(request.model.sha256, deque())
-        if request.retries:
-            queue.appendleft(request)  # a retry is older than what queued behind it
-        else:
-            queue.append(request)
-        self._queued += 1
-        if request.deadline != math.inf:
-            self.with_deadlines.add(request.model.sha256)
+
+    def enqueue(self, queue: deque[PendingRequest], request: PendingRequest) -> None:
+        """Where a new request joins its model's queue: at the back (FIFO)."""
+        queue.append(request)
 
     def queued(self) -> int:
         return self._queued
@@ -111,7 +120,7 @@ class FifoLruScheduler(Scheduler):
             for request in queue:
                 if not self.alive(request.rid):
                     self._queued -= 1
-                elif request.deadline < now:
+                elif self.cannot_finish(request, now):
                     expired.append(request)
                     self._queued -= 1
                 else:
@@ -120,6 +129,10 @@ class FifoLruScheduler(Scheduler):
             queue.extend(keep)
         self._drop_empty_queues()
         return expired
+
+    def cannot_finish(self, request: PendingRequest, now: float) -> bool:
+        """Whether a queued request can no longer be answered in time: its deadline passed."""
+        return request.deadline < now
 
     def drop_model(self, sha256: str) -> list[PendingRequest]:
         dropped = list(self.queues.pop(sha256, ()))

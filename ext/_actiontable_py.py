@@ -26,6 +26,8 @@ import operator
 import threading
 from typing import Final, NoReturn, final
 
+from ext._reqtable_py import _as_time  # one definition of what a time may be
+
 FREE: Final = 0  # owned by the producer: put() may fill it
 QUEUED: Final = 1  # published by put(): claim() or expire() may take it
 RUNNING: Final = 2  # taken by one consumer, which must finish() it
@@ -61,21 +63,6 @@ def _as_slot(slot: int, capacity: int) -> int:
     if not 0 <= i < capacity:
         raise IndexError(f"slot {i} is out of range [0, {capacity})")
     return i
-
-
-def _as_time(t: float, name: str) -> float:
-    """t as a float: TypeError if not a real number, ValueError if NaN.
-
-    Accepts what C's PyFloat_AsDouble accepts: floats and objects with __float__ or
-    __index__, but not the strings and buffers that float() would parse.
-    """
-    cls = type(t)
-    if not (isinstance(t, float) or hasattr(cls, "__float__") or hasattr(cls, "__index__")):
-        raise TypeError(f"{name} must be a real number, not {cls.__name__}")
-    d = float(t)
-    if math.isnan(d):
-        raise ValueError(f"{name} must not be NaN")
-    return d
 
 
 def _full(capacity: int, queued: int, running: int, done: int) -> TableFull:

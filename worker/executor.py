@@ -28,6 +28,7 @@ import zmq
 
 from mtcore.actions import Action, ActionStatus, Infer, Result
 from mtcore.errors import MTError
+from mtcore.protocol import WORKER_TAG, build
 from mtcore.transport import make_socket, send_frames
 
 log = logging.getLogger("mtserve.worker")
@@ -157,7 +158,6 @@ class ExecutorThread(threading.Thread):
         )
 
 
-def result_frames(result: Result, tag: bytes, payload: list[Any] = ()) -> list[Any]:
-    from mtcore.protocol import build
-
-    return build(tag, result.cmd, result.to_header(), payload)
+def result_frames(result: Result, payload: list[Any] = ()) -> list[Any]:
+    """A result as the frames the worker sends (the I/O thread forwards them unchanged)."""
+    return build(WORKER_TAG, result.cmd, result.to_header(), payload)

@@ -8,7 +8,6 @@ the I/O thread fetches them from the broker and queues the job again.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
@@ -187,8 +186,3 @@ class Loader:
             profile=runs, prepare_us=host.prepare_us, build_us=builds, fresh_us=fresh_us,
             weight_bytes=host.weight_bytes, session_bytes=host.session_bytes,
         )  # fmt: skip
-
-
-def median_profile(profile: dict[int, list[float]]) -> dict[int, float]:
-    """Batch size -> median microseconds: what the registry's profile column holds."""
-    return {b: statistics.median(times) for b, times in profile.items() if times}

@@ -55,18 +55,6 @@ def make_session(data: bytes, intra_op_threads: int = 0) -> Any:
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def load_model(sha256: str, data: bytes, intra_op_threads: int = 0) -> LiveModel:
-    """Build a session from model bytes; ModelInvalid if ONNX Runtime refuses them."""
-    start = time.perf_counter()
-    try:
-        session = make_session(data, intra_op_threads)
-    except Exception as exc:
-        raise ModelInvalid(
-            f"ONNX Runtime cannot load the model: {str(exc).strip()[:400]}"
-        ) from None
-    return _live(sha256, session, len(data), start)
-
-
 def build_session(host: HostModel, intra_op_threads: int = 0) -> LiveModel:
     """Host -> device: a session over the host tier's pages, with nothing left to do.
 
@@ -88,16 +76,12 @@ def build_session(host: HostModel, intra_op_threads: int = 0) -> LiveModel:
         )
     except Exception as exc:
         raise ModelInvalid(f"the prepared model does not build: {str(exc).strip()[:400]}") from None
-    return _live(host.sha256, session, host.weight_bytes, start)
-
-
-def _live(sha256: str, session: Any, nbytes: int, start: float) -> LiveModel:
     inputs = session.get_inputs()
     batchable = all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
     return LiveModel(
-        sha256,
+        host.sha256,
         session,
-        nbytes,
+        host.weight_bytes,
         [i.name for i in inputs],
         [o.name for o in session.get_outputs()],
         batchable,

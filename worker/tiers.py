@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ext import Allocation, PagePool
-from mtcore.errors import LoadFailed, ModelInvalid, MTError, PoolExhausted
+from mtcore.errors import LoadFailed, ModelInvalid, PoolExhausted
 
 INLINE_BELOW = 1024  # initializers smaller than this stay in the graph (shapes, scalars)
 ALIGN = 64  # byte alignment of every tensor inside a page (what ORT's CPU kernels like)
@@ -457,10 +457,3 @@ class DeviceTier:
                 "used": self.used(),
                 "free": max(0, self.budget - self.used()),
             }
-
-
-def charge_error(exc: BaseException) -> MTError:
-    """Any failure while building a session, as the status the broker acts on."""
-    if isinstance(exc, MTError):
-        return exc
-    return LoadFailed(f"building the session failed: {str(exc).strip()[:400]}")

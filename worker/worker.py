@@ -366,12 +366,12 @@ class Worker:
         except Exception as exc:  # a bug: answer, or the request waits for action_timeout
             log.exception("%s: inline INFER failed", self.name)
             result, _ = self.runner.failed(job, ActionStatus.INTERNAL, f"worker bug: {exc}")
-            self.forward_result(result_frames(result, WORKER_TAG))
+            self.forward_result(result_frames(result))
             return True
         if outcome is STOPPED:
             return False
         result, payload = outcome
-        self.forward_result(result_frames(result, WORKER_TAG, payload))
+        self.forward_result(result_frames(result, payload))
         return True
 
     # -- the cold tier -------------------------------------------------------------
@@ -483,14 +483,14 @@ class Worker:
         if outcome is NEED_BYTES:
             self.need_bytes.put(job)
             return [WAKE]
-        return result_frames(outcome, WORKER_TAG)
+        return result_frames(outcome)
 
     def run_exec_job(self, job: Job) -> list[Any]:
         try:
             result, payload = self.runner.infer(job)
         finally:
             self.infer_done.put((job.generation, job.action.sha256))
-        return result_frames(result, WORKER_TAG, payload)
+        return result_frames(result, payload)
 
     def reject(self, job: Job, status: ActionStatus, error: str) -> list[Any] | None:
         """Frames of a result failing the whole action (any thread)."""
@@ -506,7 +506,7 @@ class Worker:
             result = ProfileModelResult(action.action, action.sha256, status, error)
         else:
             return None
-        return result_frames(result, WORKER_TAG)
+        return result_frames(result)
 
     def close(self) -> None:
         if self.broker is not None:
