@@ -1,7 +1,7 @@
 """`mtbench`: benchmarks of mtserve, each beside its baselines in the same run.
 
     mtbench run [--target mtserve|zmq|inprocess|ray] [workload flags]   one target, one workload
-    mtbench compare tiny-latency|pipelined|resnet18|zipf50|all [--quick] [--ray]
+    mtbench compare tiny-latency|pipelined|resnet18|zipf50|overload|mixed|all [--quick] [--ray]
     mtbench latency      one request at a time: mtserve vs in-process ONNX Runtime
     mtbench ccore        each C core module vs its pure-Python twin, on its own path
     mtbench swap         host-tier swap-in vs a fresh session build, per zoo model

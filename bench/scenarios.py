@@ -13,6 +13,8 @@ stopped (by PID, in the targets' `stop`) before it returns, also on errors.
 | pipelined       | tiny model, many in flight: mtserve requests/s             | >= 20,000   |
 | resnet18        | ResNet-18 batch 1: mtserve p50 / in-process ONNX Runtime   | <= 1.05x    |
 | zipf50          | 50 models, Zipf(1), 8 resident, 100 ms deadlines, Poisson  | goodput     |
+| overload        | zipf50 at 150% of capacity, FIFO and predictive schedulers | goodput     |
+| mixed           | demo's 4 models, own deadlines, 75% load, both schedulers  | >= 99% each |
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import report, zoo
+from bench import demo, report, zoo
 from bench.report import RequestRecord
 from bench.runner import (
     OpenLoopStats,
@@ -49,12 +51,14 @@ from bench.targets import (
     memory_mb_for,
     ray_available,
 )
-from bench.workload import TenantMix, open_loop
+from bench.workload import Arrival, TenantMix, open_loop
 
 RESULTS = Path(__file__).parent / "results"
 ZOO_CACHE = Path(tempfile.gettempdir()) / "mtbench-zoo"
 CPUS = os.cpu_count() or 1
-SCENARIOS = ("tiny-latency", "pipelined", "resnet18", "zipf50", "overload")
+SCENARIOS = ("tiny-latency", "pipelined", "resnet18", "zipf50", "overload", "mixed")
+# mixed: each model's deadline; the models and their shares of requests are the demo's.
+MIXED_DEADLINES_MS = {"tiny_add": 10.0, "mlp": 10.0, "mobilenetv2": 100.0, "resnet18": 200.0}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -126,7 +130,11 @@ def interleaved(
 
 
 def goal(
-    metric: str, value: float | None, op: str | None = None, bound: float | None = None
+    metric: str,
+    value: float | None,
+    op: str | None = None,
+    bound: float | None = None,
+    unit: str = "",
 ) -> dict[str, Any]:
     """A goal line for the config: the measured value, the bound and whether it holds.
 
@@ -135,8 +143,13 @@ def goal(
     met = None
     if value is not None and op is not None and bound is not None:
         met = value <= bound if op == "<=" else value >= bound
-    text = f"{op} {bound:g}" if op is not None and bound is not None else "report"
-    return {"metric": metric, "value": value, "goal": text, "met": met}
+    text = f"{op} {bound:g}{unit}" if op is not None and bound is not None else "report"
+    return {"metric": metric, "value": value, "goal": text, "met": met, "unit": unit}
+
+
+def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config's goal lines (keys `goal`, `goal_*`), in the order the scenario set them."""
+    return [g for key, g in doc["config"].items() if key.startswith("goal") and g]
 
 
 def p50(doc_targets: dict[str, Any], name: str) -> float | None:
@@ -150,20 +163,20 @@ def finish(doc: dict[str, Any], scenario: str, out_dir: Path) -> dict[str, Any]:
     report.plot(doc, out_dir, prefix=f"{scenario}_")
     print()
     report.print_table(doc)
-    for key in ("goal", "goal_spin", "goal_vs_bare", "goal_rejection"):
-        g = doc["config"].get(key)
-        if g:
-            value = fmt_value(g["value"])
-            verdict = {True: "met", False: "NOT met"}.get(g["met"], "reported")
-            print(f"goal: {g['metric']} = {value} (goal {g['goal']}): {verdict}")
+    for g in goals(doc):
+        value = fmt_value(g["value"], g.get("unit", ""))
+        verdict = {True: "met", False: "NOT met"}.get(g["met"], "reported")
+        print(f"goal: {g['metric']} = {value} (goal {g['goal']}): {verdict}")
     print(f"wrote {path} and {scenario}_*.png")
     return doc
 
 
-def fmt_value(v: float | None) -> str:
-    """Rates as whole numbers, ratios and fractions with three digits."""
+def fmt_value(v: float | None, unit: str = "") -> str:
+    """Rates as whole numbers, ratios and fractions with three digits, percentages with one."""
     if v is None:
         return "-"
+    if unit:
+        return f"{v:.1f}{unit}"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
@@ -382,24 +395,11 @@ def zipf50(
     rate = load / t1
     mix = TenantMix("bench", rate, names, zipf_s=1.0, deadline_ms=deadline_ms)
     arrivals = open_loop([mix], duration, seed)
-    inputs = zoo.sample_inputs(kind)
-    inputs_by_model = dict.fromkeys(names, inputs)
-    results: dict[str, Any] = {}
-    records_by_target: dict[str, list[RequestRecord]] = {}
-    lateness: dict[str, Any] = {}
-    for target in zipf50_targets(size, resident, ray, schedulers):
-        with started([target], models):
-            warm(target, names[:resident], inputs)
-            stats = OpenLoopStats()
-            records, samples, dur = asyncio.run(
-                run_open_loop(
-                    target, arrivals, inputs_by_model, duration=duration, drain_s=drain_s,
-                    stats=stats,
-                )
-            )  # fmt: skip
-        results[target.name] = report.target_result(records, dur, samples)
-        records_by_target[target.name] = records
-        lateness[target.name] = stats.summary()
+    inputs_by_model = dict.fromkeys(names, zoo.sample_inputs(kind))
+    results, records_by_target, lateness = run_each(
+        zipf50_targets(size, resident, ray, schedulers), models, arrivals, inputs_by_model,
+        names[:resident], duration, drain_s,
+    )  # fmt: skip
     config = {
         "model": kind,
         "n_models": n_models,
@@ -452,11 +452,97 @@ def overload_goals(
     }
 
 
-def warm(target: Target, models: Sequence[str], inputs: Inputs) -> None:
+def run_each(
+    targets: Sequence[Target],
+    models: dict[str, Path],
+    arrivals: Sequence[Arrival],
+    inputs_by_model: dict[str, Inputs],
+    warm_models: Sequence[str],
+    duration: float,
+    drain_s: float,
+) -> tuple[dict[str, Any], dict[str, list[RequestRecord]], dict[str, Any]]:
+    """Each target in turn, alone, on the identical arrival list, after one unmeasured
+    request to each of `warm_models`: results, records and send lateness by target name."""
+    results: dict[str, Any] = {}
+    records_by_target: dict[str, list[RequestRecord]] = {}
+    lateness: dict[str, Any] = {}
+    for target in targets:
+        with started([target], models):
+            warm(target, {m: inputs_by_model[m] for m in warm_models})
+            stats = OpenLoopStats()
+            records, samples, dur = asyncio.run(
+                run_open_loop(
+                    target, arrivals, inputs_by_model, duration=duration, drain_s=drain_s,
+                    stats=stats,
+                )
+            )  # fmt: skip
+        results[target.name] = report.target_result(records, dur, samples)
+        records_by_target[target.name] = records
+        lateness[target.name] = stats.summary()
+    return results, records_by_target, lateness
+
+
+def mixed(
+    duration: float = 60.0,
+    load: float = 0.75,
+    seed: int = 0,
+    drain_s: float = 10.0,
+    out_dir: Path = RESULTS,
+) -> dict[str, Any]:
+    """The demo's four models, each with its own deadline, on one worker at `load` of its
+    capacity; FIFO and predictive schedulers on the same requests, attainment per model.
+
+    Capacity is 1 / the mean in-process batch-1 time over the demo's request shares
+    (one thread, as in zipf50), so the rate keeps one worker busy but not overloaded.
+    """
+    shares = demo.MIX
+    models = {kind: zoo_models(kind, [0], [kind])[kind] for kind in shares}
+    t1 = {kind: batch1_seconds(models[kind], kind) for kind in shares}
+    capacity = 1.0 / sum(share * t1[kind] for kind, share in shares.items())
+    mix = TenantMix("bench", load * capacity, list(shares), shares=list(shares.values()))
+    arrivals = [replace(a, deadline_ms=MIXED_DEADLINES_MS[a.model])
+                for a in open_loop([mix], duration, seed)]  # fmt: skip
+    inputs_by_model = {kind: zoo.sample_inputs(kind) for kind in shares}
+    schedulers = ("fifo", "predictive")
+    targets = [MtserveTarget(threads=1, scheduler=s, name=s) for s in schedulers]
+    whole, records, lateness = run_each(
+        targets, models, arrivals, inputs_by_model, list(shares), duration, drain_s
+    )
+    # The whole run per scheduler, then each model under each. No target is named mtserve,
+    # so there are no ratios: the FIFO rows and goal lines are the baseline.
+    results = dict(whole)
+    config: dict[str, Any] = {
+        "shares": shares,
+        "deadline_ms": MIXED_DEADLINES_MS,
+        "batch1_ms": {kind: t * 1e3 for kind, t in t1.items()},
+        "capacity_rps": capacity,
+        "load": load,
+        "rate_rps": load * capacity,
+        "process": "poisson",
+        "duration_s": duration,
+        "requests": len(arrivals),
+        "send_late_ms": lateness,
+        "threads": 1,
+    }
+    for kind in shares:
+        for s in schedulers:
+            mine = [r for r in records[s] if r.model == kind]
+            results[f"{kind}/{s}"] = report.target_result(mine, whole[s]["summary"]["duration_s"])
+        for s, bound in (("predictive", 99.0), ("fifo", None)):
+            att = results[f"{kind}/{s}"]["summary"]["deadline_attainment"]
+            config[f"goal_{kind}_{s}"] = goal(
+                f"mixed attainment {kind} ({s})", None if att is None else 100 * att,
+                ">=" if bound else None, bound, "%",
+            )  # fmt: skip
+    doc = report.build_results("mixed", config, results, meta())
+    return finish(doc, "mixed", out_dir)
+
+
+def warm(target: Target, inputs_by_model: dict[str, Inputs]) -> None:
     """One unmeasured request per model, so a run does not start with every cache cold."""
 
     async def go() -> None:
-        for model in models:
+        for model, inputs in inputs_by_model.items():
             await target.infer(model, inputs, None)
 
     asyncio.run(go())
@@ -477,6 +563,7 @@ def quick_args(name: str) -> dict[str, Any]:
         "resnet18": {"n": 6, "rounds": 2, "warmup": 2},
         "zipf50": {"duration": 4.0, "n_models": 6, "resident": 2, "drain_s": 3.0},
         "overload": {"duration": 4.0, "n_models": 6, "resident": 2, "drain_s": 3.0},
+        "mixed": {"duration": 8.0, "drain_s": 3.0},
     }[name]
 
 
@@ -486,6 +573,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "resnet18": resnet18_latency,
     "zipf50": zipf50,
     "overload": overload,
+    "mixed": mixed,
 }
 
 
@@ -500,13 +588,11 @@ def run_scenario(
 
 
 def summary_lines(docs: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per scenario's goal, for the end of `mtbench compare all`."""
+    """One line per goal of each scenario, for the end of `mtbench compare all`."""
     lines = []
     for name, doc in docs.items():
-        g = doc["config"].get("goal") or {}
-        value = fmt_value(g.get("value"))
-        verdict = {True: "met", False: "NOT met", None: "-"}[g.get("met")]
-        lines.append(
-            f"{name:13s} {g.get('metric', ''):32s} {value:>9s}  {g.get('goal', '')}  {verdict}"
-        )
+        for g in goals(doc):
+            value = fmt_value(g["value"], g.get("unit", ""))
+            verdict = {True: "met", False: "NOT met", None: "-"}[g["met"]]
+            lines.append(f"{name:13s} {g['metric']:32s} {value:>9s}  {g['goal']}  {verdict}")
     return lines

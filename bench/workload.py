@@ -212,8 +212,8 @@ class TenantMix:
     """One tenant's share of an open-loop workload.
 
     Each tenant sends at its own ``rate`` with its own arrival ``process``, choosing among
-    its ``models`` by Zipf popularity (first = most popular).  Tenants are independent, as
-    different customers of a multi-tenant service are.
+    its ``models`` by Zipf popularity (first = most popular), or by ``shares`` when given.
+    Tenants are independent, as different customers of a multi-tenant service are.
     """
 
     name: str
@@ -223,6 +223,7 @@ class TenantMix:
     deadline_ms: float | None = None
     process: Literal["poisson", "fixed", "gamma"] = "poisson"
     cv: float = 1.0  # gaps' coefficient of variation, for process="gamma"
+    shares: Sequence[float] | None = None  # each model's share of requests, instead of Zipf
 
     def __post_init__(self) -> None:
         self.validate()
@@ -255,6 +256,19 @@ class TenantMix:
                 f"{where}: unknown process {self.process!r}; choose one of {list(PROCESSES)}"
             )
         _check_positive(f"{where}: cv", self.cv)
+        if self.shares is not None:
+            if len(self.shares) != len(self.models):
+                n, m = len(self.shares), len(self.models)
+                raise ValueError(f"{where}: {n} shares for {m} models")
+            for x in self.shares:
+                _check_positive(f"{where}: each share", x)
+
+    def weights(self) -> np.ndarray:
+        """The probability of each of `models`: `shares` normalised, or Zipf(`zipf_s`)."""
+        if self.shares is None:
+            return zipf_weights(len(self.models), self.zipf_s)
+        w = np.asarray(self.shares, dtype=np.float64)
+        return w / w.sum()
 
 
 def _tenant_rng(seed: int, name: str) -> np.random.Generator:
@@ -282,8 +296,8 @@ def open_loop(mixes: Sequence[TenantMix], duration: float, seed: int) -> list[Ar
     Open loop means send times do not depend on responses, so an overloaded server sees
     its queue grow instead of the load politely backing off (the failure mode closed-loop
     generators hide).  Each tenant's times come from its process and each arrival's model
-    is drawn independently by Zipf over the tenant's models.  Ties (e.g. several ``fixed``
-    tenants at ``t = 0``) keep the order of ``mixes``.
+    is drawn independently by the tenant's weights (Zipf or shares) over its models.  Ties
+    (e.g. several ``fixed`` tenants at ``t = 0``) keep the order of ``mixes``.
 
     Deterministic: the same ``(mixes, duration, seed)`` gives the identical list, and a
     tenant's requests depend only on ``seed``, its own name and its own settings.
@@ -304,7 +318,7 @@ def open_loop(mixes: Sequence[TenantMix], duration: float, seed: int) -> list[Ar
         mix.validate()
         rng = _tenant_rng(seed, mix.name)
         t = _mix_times(mix, duration, rng)
-        idx = rng.choice(len(mix.models), size=t.size, p=zipf_weights(len(mix.models), mix.zipf_s))
+        idx = rng.choice(len(mix.models), size=t.size, p=mix.weights())
         all_t.append(t)
         all_tenant.append(np.full(t.size, ti, dtype=np.int64))
         all_model.append(idx)

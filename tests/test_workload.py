@@ -156,11 +156,18 @@ def test_open_loop_sorted_and_per_tenant_rates() -> None:
     assert all(isinstance(a.t, float) for a in arr[:10])
 
 
-def test_open_loop_model_shares_follow_zipf() -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "weights"),
+    [
+        ({"zipf_s": 1.0}, zipf_weights(10, 1.0)),
+        ({"shares": list(range(10, 0, -1))}, np.arange(10, 0, -1) / 55),
+    ],
+)
+def test_open_loop_model_shares_follow_weights(kwargs: dict, weights: np.ndarray) -> None:
     models = [f"m{i}" for i in range(10)]
-    arr = open_loop([TenantMix("t", 1000.0, models, zipf_s=1.0)], 50.0, seed=11)
+    arr = open_loop([TenantMix("t", 1000.0, models, **kwargs)], 50.0, seed=11)
     counts = np.array([sum(1 for a in arr if a.model == m) for m in models], dtype=float)
-    expected = zipf_weights(10, 1.0) * counts.sum()
+    expected = weights * counts.sum()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 27.88  # 99.9th percentile of chi-square with 9 degrees of freedom
     for i in range(3):
@@ -209,6 +216,8 @@ def test_open_loop_ties_keep_mix_order() -> None:
         ({"zipf_s": -1.0}, "zipf_s"),
         ({"deadline_ms": -5.0}, "deadline_ms"),
         ({"name": ""}, "name"),
+        ({"shares": [1.0, 2.0]}, "2 shares for 1 models"),
+        ({"shares": [0.0]}, "each share"),
     ],
 )
 def test_tenant_mix_validation(kwargs: dict, match: str) -> None:
