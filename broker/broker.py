@@ -14,7 +14,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import secrets
 import signal
 import statistics
@@ -33,6 +32,7 @@ from broker.uploads import Uploads
 from broker.validate import plan_inputs
 from ext import RequestTable
 from mtcore import actions as wire
+from mtcore import messages
 from mtcore.config import BrokerConfig
 from mtcore.errors import (
     BadArgument,
@@ -50,6 +50,7 @@ from mtcore.errors import (
 )
 from mtcore.predictor import Predictor
 from mtcore.protocol import (
+    SHA256_HEX,
     TAG,
     VERSION,
     WORKER_TAG,
@@ -59,14 +60,12 @@ from mtcore.protocol import (
     WCmd,
     build,
     encode_header,
-    field,
     frame_buffer,
     frame_bytes,
     frame_size,
     parse_body,
     peek_cmd,
     peek_id,
-    request_id,
     split_envelope,
 )
 from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
@@ -80,8 +79,6 @@ FRONTEND_BATCH = 32
 BACKEND_BATCH = 256
 PROFILE_TIMEOUT = 120.0  # seconds a worker may take to profile an upload
 PROFILE_SAMPLES = 10  # runs measured per batch size when profiling
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class Broker:
@@ -128,7 +125,8 @@ class Broker:
         # answer that usually follows (a worker's result, a tenant's next request).
         self._spin_s = config.spin_us / 1e6
         self._spin_until = 0.0
-        self.handlers: dict[Cmd, Callable[[list[Any], Message, str], None]] = {
+        # Each handler gets the routing envelope, the decoded request and the payload frames.
+        self.handlers: dict[Cmd, Callable[[list[Any], Any, list[Any]], None]] = {
             Cmd.PING: self.on_ping,
             Cmd.UPLOAD_BEGIN: self.on_upload_begin,
             Cmd.UPLOAD_CHUNK: self.on_upload_chunk,
@@ -253,25 +251,17 @@ class Broker:
         except MTError as exc:
             self._reply_error(envelope, peek_cmd(body), peek_id(body), exc)
             return
-        client_id = None
+        request = None
         try:
-            client_id = request_id(msg.header)
-            tenant = self.tenant_of(msg.header)
+            request = messages.decode(msg.cmd, msg.header, self.limits)  # every field, once
             self.by_command[msg.cmd] += 1
-            self.handlers[msg.cmd](envelope, msg, tenant)
-        except MTError as exc:
-            self._reply_error(envelope, msg.cmd, client_id, exc)
+            self.handlers[msg.cmd](envelope, request, msg.payload)
         except Exception as exc:
-            log.exception("bug while handling %s", msg.cmd.name)
-            where = f"{type(exc).__name__} in {msg.cmd.name} handler: {exc}"
-            self._reply_error(envelope, msg.cmd, client_id, InternalError(where))
-
-    def tenant_of(self, header: dict[str, Any]) -> str:
-        """Insecure mode: the tenant named in the header (CURVE identities come later)."""
-        tenant = field(header, "tenant", str, "default")
-        if not _TENANT.fullmatch(tenant):
-            raise BadArgument("header field 'tenant' must be 1-64 letters, digits or ._-")
-        return tenant
+            if not isinstance(exc, MTError):
+                log.exception("bug while handling %s", msg.cmd.name)
+                exc = InternalError(f"{type(exc).__name__} in {msg.cmd.name} handler: {exc}")
+            client_id = request.id if request is not None else messages.reply_id(msg.header)
+            self._reply_error(envelope, msg.cmd, client_id, exc)
 
     def reply(
         self, envelope: list[Any], cmd: Cmd | bytes, header: dict[str, Any], payload: list[Any] = ()
@@ -289,94 +279,86 @@ class Broker:
             header["id"] = client_id
         self.reply(envelope, cmd, header)
 
-    def on_ping(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        self.reply(envelope, Cmd.PING, {"id": msg.header["id"], "server": f"mtserve {VERSION}"})
+    def on_ping(self, envelope: list[Any], request: messages.Ping, payload: list[Any]) -> None:
+        self.reply(envelope, Cmd.PING, {"id": request.id, "server": f"mtserve {VERSION}"})
 
-    def on_upload_begin(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        h = msg.header
-        name = field(h, "name", str)
-        replace = field(h, "replace", bool, False)
-        if not replace and self.registry.get(tenant, name):
+    def on_upload_begin(
+        self, envelope: list[Any], request: messages.UploadBegin, payload: list[Any]
+    ) -> None:
+        name = request.name
+        if not request.replace and self.registry.get(request.tenant, name):
             raise ModelExists(f"model '{name}' exists; upload with replace=true to overwrite it")
-        fmt = field(h, "format", str, "onnx")
-        if fmt != "onnx":
-            raise BadArgument(f"format {fmt!r:.20} is not supported; use 'onnx'")
-        max_batch = field(h, "max_batch", int, None)
-        if max_batch is not None and not 1 <= max_batch <= 4096:
-            raise BadArgument("header field 'max_batch' must be between 1 and 4096")
         upload = self.uploads.begin(
-            tenant, name, field(h, "size", int), field(h, "sha256", str), replace, max_batch
+            request.tenant, name, request.size, request.sha256, request.replace, request.max_batch
         )
-        self.reply(envelope, Cmd.UPLOAD_BEGIN, {"id": h["id"], "upload": upload.handle})
+        self.reply(envelope, Cmd.UPLOAD_BEGIN, {"id": request.id, "upload": upload.handle})
 
-    def on_upload_chunk(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        upload = self.uploads.get(tenant, field(msg.header, "upload", str))
-        if len(msg.payload) != 1:
-            raise BadArgument(
-                f"UPLOAD_CHUNK carries exactly 1 payload frame, got {len(msg.payload)}"
-            )
-        data = frame_buffer(msg.payload[0])
-        received = self.uploads.write_chunk(upload, field(msg.header, "offset", int), data)
-        self.reply(envelope, Cmd.UPLOAD_CHUNK, {"id": msg.header["id"], "received": received})
+    def on_upload_chunk(
+        self, envelope: list[Any], request: messages.UploadChunk, payload: list[Any]
+    ) -> None:
+        upload = self.uploads.get(request.tenant, request.upload)
+        if len(payload) != 1:
+            raise BadArgument(f"UPLOAD_CHUNK carries exactly 1 payload frame, got {len(payload)}")
+        received = self.uploads.write_chunk(upload, request.offset, frame_buffer(payload[0]))
+        self.reply(envelope, Cmd.UPLOAD_CHUNK, {"id": request.id, "received": received})
 
-    def on_upload_commit(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        upload = self.uploads.get(tenant, field(msg.header, "upload", str))
+    def on_upload_commit(
+        self, envelope: list[Any], request: messages.UploadCommit, payload: list[Any]
+    ) -> None:
+        upload = self.uploads.get(request.tenant, request.upload)
         path = self.uploads.finish(upload)  # checks coverage; the hash runs off the loop
         future = self.validator.submit(path, upload.sha256)
-        self.commits.append(PendingCommit(envelope, msg.header["id"], upload, path, future))
+        self.commits.append(PendingCommit(envelope, request.id, upload, path, future))
 
-    def on_infer(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        h = msg.header
-        name = field(h, "model", str)
-        model = self.registry.get(tenant, name)
-        if model is None:
-            raise ModelNotFound(f"no model '{name}' for tenant '{tenant}'; `list` shows yours")
-        plan = plan_inputs(model, field(h, "inputs", list), self.limits)
-        frames = plan.frames(msg.payload)
+    def on_infer(self, envelope: list[Any], request: messages.Infer, payload: list[Any]) -> None:
+        model = self._model(request.tenant, request.model)
+        plan = plan_inputs(model, request.inputs)
+        frames = plan.frames(payload)
         now = time.monotonic()
-        deadline = math.inf
-        budget_ms = field(h, "deadline_ms", (int, float), None)
-        if budget_ms is not None:
-            if not 0 < budget_ms < 1e9:
-                raise BadArgument("header field 'deadline_ms' must be a positive number")
-            deadline = now + budget_ms / 1e3
+        deadline = request.deadline(now)
         nbytes = sum(frame_size(f) for f in frames)
         if self.pending_bytes + nbytes > self.config.max_pending_bytes:
             raise Overloaded(
                 f"{self.pending_bytes} bytes of inputs already wait for answers; retry later"
             )
         rid = next(self._rids)
-        request = PendingRequest(
-            rid, envelope, h["id"], model, plan.descs, frames, plan.batch, now, deadline
+        pending = PendingRequest(
+            rid, envelope, request.id, model, plan.descs, frames, plan.batch, now, deadline
         )
-        request.nbytes = nbytes
-        request.wire_inputs = plan.wire
-        self.scheduler.add_request(request, now)
+        pending.nbytes = nbytes
+        pending.wire_inputs = plan.wire
+        self.scheduler.add_request(pending, now)
         self.pending_bytes += nbytes
         give_up = min(deadline + self.config.answer_grace, now + self.config.max_request_time)
-        self.pending.insert(request.rid, give_up, request)
+        self.pending.insert(pending.rid, give_up, pending)
 
-    def on_list(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        models = [m.to_info() for m in self.registry.list(tenant)]
-        self.reply(envelope, Cmd.LIST, {"id": msg.header["id"], "models": models})
+    def on_list(
+        self, envelope: list[Any], request: messages.ListModels, payload: list[Any]
+    ) -> None:
+        models = [m.to_info() for m in self.registry.list(request.tenant)]
+        self.reply(envelope, Cmd.LIST, {"id": request.id, "models": models})
 
-    def on_info(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        model = self._model(tenant, msg.header)
-        self.reply(envelope, Cmd.INFO, {"id": msg.header["id"], "model": model.to_info()})
+    def on_info(
+        self, envelope: list[Any], request: messages.GetModelInfo, payload: list[Any]
+    ) -> None:
+        model = self._model(request.tenant, request.model)
+        self.reply(envelope, Cmd.INFO, {"id": request.id, "model": model.to_info()})
 
-    def on_delete(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        model = self._model(tenant, msg.header)
-        self.registry.delete(tenant, model.name)
+    def on_delete(
+        self, envelope: list[Any], request: messages.DeleteModel, payload: list[Any]
+    ) -> None:
+        model = self._model(request.tenant, request.model)
+        self.registry.delete(request.tenant, model.name)
         self.gc_shas.add(model.sha256)
-        self.reply(envelope, Cmd.DELETE, {"id": msg.header["id"]})
+        self.reply(envelope, Cmd.DELETE, {"id": request.id})
 
-    def on_status(self, envelope: list[Any], msg: Message, tenant: str) -> None:
-        self.reply(
-            envelope, Cmd.STATUS, {"id": msg.header["id"], "status_info": self.status_info(tenant)}
-        )
+    def on_status(
+        self, envelope: list[Any], request: messages.GetStatus, payload: list[Any]
+    ) -> None:
+        info = self.status_info(request.tenant)
+        self.reply(envelope, Cmd.STATUS, {"id": request.id, "status_info": info})
 
-    def _model(self, tenant: str, header: dict[str, Any]) -> ModelRecord:
-        name = field(header, "model", str)
+    def _model(self, tenant: str, name: str) -> ModelRecord:
         model = self.registry.get(tenant, name)
         if model is None:
             raise ModelNotFound(f"no model '{name}' for tenant '{tenant}'; `list` shows yours")
@@ -580,7 +562,7 @@ class Broker:
     def on_fetch_model(self, worker: WorkerState, msg: Message) -> None:
         sha = str(msg.header.get("sha256", ""))
         store = self.registry.store
-        if not _SHA256.fullmatch(sha) or not store.has(sha):
+        if not SHA256_HEX.fullmatch(sha) or not store.has(sha):
             self.send_worker(
                 worker.wid,
                 WCmd.FETCH_MODEL,

@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from mtcore.errors import BadArgument, Overloaded, QuotaExceeded, TooLarge, UploadCorrupt
+from mtcore.errors import Overloaded, QuotaExceeded, TooLarge, UploadCorrupt
+from mtcore.protocol import check_model_name, check_sha256, check_size
 
 MAX_UPLOADS_PER_TENANT = 16
 MAX_RANGES = 4096  # disjoint pieces an upload may have at once (bounds bookkeeping)
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-
-
-def check_model_name(name: str) -> str:
-    if not _MODEL_NAME.fullmatch(name):
-        raise BadArgument(
-            f"model name {name!r:.80} is not valid: 1-128 characters of letters, digits and "
-            "._:- starting with a letter or digit"
-        )
-    return name
 
 
 @dataclass
@@ -84,14 +73,13 @@ class Uploads:
     def begin(
         self, tenant: str, name: str, size: int, sha256: str, replace: bool, max_batch: int | None
     ) -> Upload:
+        # The frontend's decode checked these already; the store checks its own arguments
+        # again (a sha256 becomes a file name), with the same checks and messages.
         check_model_name(name)
-        if size <= 0:
-            raise BadArgument("header field 'size' must be a positive byte count")
+        check_size(size)
         if size > self.max_model_bytes:
             raise TooLarge(f"model of {size} bytes exceeds the limit of {self.max_model_bytes}")
-        sha256 = sha256.lower()
-        if not _SHA256.fullmatch(sha256):
-            raise BadArgument("header field 'sha256' must be 64 hex digits")
+        sha256 = check_sha256(sha256)
         if sum(u.tenant == tenant for u in self.held.values()) >= MAX_UPLOADS_PER_TENANT:
             raise QuotaExceeded(
                 f"tenant has {MAX_UPLOADS_PER_TENANT} uploads in progress or being committed; "

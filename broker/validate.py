@@ -1,4 +1,8 @@
-"""Checks a request's tensors against its model's signature before anything is queued."""
+"""Checks a request's tensors against its model's signature before anything is queued.
+
+The request's descriptions arrive decoded (`mtcore.messages.Infer.inputs`); what is
+checked here needs the model: names, dtypes, ranks, fixed dimensions, batch rows.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 
 from broker.registry import ModelRecord
 from mtcore.errors import InputInvalid
-from mtcore.protocol import Limits, TensorDesc, check_frames, parse_descs
+from mtcore.protocol import TensorDesc, check_frames
 
 PLAN_CACHE_SIZE = 64  # distinct input layouts remembered per model
 
@@ -28,22 +32,21 @@ class InputPlan:
         return [payload[i] for i in self.order]
 
 
-def plan_inputs(model: ModelRecord, raw: Any, limits: Limits) -> InputPlan:
-    """The plan for a request's raw `inputs` field, from the model's cache when seen before.
+def plan_inputs(model: ModelRecord, inputs: tuple[TensorDesc, ...]) -> InputPlan:
+    """The plan for a request's decoded `inputs` (`Infer.inputs`), cached per model.
 
-    Tenants send the same layout over and over, so parsing and checking it once per model
-    takes the work off the hot path. The key is the field's `repr`, which tells 1 from 1.0
-    and True, so a cached plan is only ever reused for an identical field.
+    Tenants send the same layout over and over, so checking it against the model and
+    ordering it once per model takes that work off the hot path. The key is the decoded
+    descriptions themselves: the decode admits only str names and dtypes and int
+    dimensions, so equal keys are identical layouts.
     """
-    key = repr(raw)
-    plan = model.input_plans.get(key)
+    plan = model.input_plans.get(inputs)
     if plan is None:
-        sent = parse_descs(raw, limits)
-        descs, order, batch = order_inputs(model, sent, list(range(len(sent))))
-        plan = InputPlan(tuple(sent), descs, tuple(order), batch, [d.to_wire() for d in descs])
+        descs, order, batch = order_inputs(model, list(inputs), list(range(len(inputs))))
+        plan = InputPlan(inputs, descs, tuple(order), batch, [d.to_wire() for d in descs])
         if len(model.input_plans) >= PLAN_CACHE_SIZE:
             model.input_plans.clear()
-        model.input_plans[key] = plan
+        model.input_plans[inputs] = plan
     return plan
 
 

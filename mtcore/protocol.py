@@ -16,6 +16,7 @@ by `[name, dtype, shape]`. Everything here raises `ProtocolError`/`BadArgument`/
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -272,6 +273,35 @@ def request_id(header: dict[str, Any]) -> int:
     if rid < 0 or rid >= 1 << 64:
         raise BadArgument("header field 'id' must be an unsigned 64-bit integer")
     return rid
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a model's content address, as the store names it
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_model_name(name: str) -> str:
+    """A model name a tenant may give: 1-128 of letters, digits and ._:- (no paths)."""
+    if not _MODEL_NAME.fullmatch(name):
+        raise BadArgument(
+            f"model name {name!r:.80} is not valid: 1-128 characters of letters, digits and "
+            "._:- starting with a letter or digit"
+        )
+    return name
+
+
+def check_sha256(value: str) -> str:
+    """A declared sha256 in the store's spelling (lowercase); BadArgument unless 64 hex."""
+    sha256 = value.lower()
+    if not SHA256_HEX.fullmatch(sha256):
+        raise BadArgument("header field 'sha256' must be 64 hex digits")
+    return sha256
+
+
+def check_size(size: int) -> int:
+    """A declared upload size: a positive byte count."""
+    if size <= 0:
+        raise BadArgument("header field 'size' must be a positive byte count")
+    return size
 
 
 # ---------------------------------------------------------------- tensors

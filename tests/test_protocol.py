@@ -37,6 +37,9 @@ from mtcore.protocol import (
     WCmd,
     build,
     check_frames,
+    check_model_name,
+    check_sha256,
+    check_size,
     decode_header,
     decode_tensor,
     decode_tensors,
@@ -367,6 +370,21 @@ def test_request_id() -> None:
             request_id({"id": bad})
     with raises_status(BadArgument, Status.BAD_ARGUMENT):
         request_id({})
+
+
+def test_upload_field_checks() -> None:
+    """The checks UPLOAD_BEGIN's decode and the upload store share."""
+    assert check_model_name("m.v2:prod-1_x") == "m.v2:prod-1_x"
+    assert check_sha256("AB" * 32) == "ab" * 32
+    assert check_size(1) == 1
+    for bad_call in (
+        lambda: check_model_name("a/b"),
+        lambda: check_sha256("ab" * 31),
+        lambda: check_sha256("g" * 64),
+        lambda: check_size(0),
+    ):
+        with raises_status(BadArgument, Status.BAD_ARGUMENT):
+            bad_call()
 
 
 # ---------------------------------------------------------------- tensors
