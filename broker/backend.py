@@ -1,0 +1,387 @@
+"""The broker's worker side: membership, the scheduler, and the actions sent and answered.
+
+`Backend` is mixed into `broker.broker.Broker` (see its docstring for why mixins). It owns
+the workers (`WorkerState`), the scheduler and the predictor that feeds it, and it is the
+only part of the broker that calls the scheduler or reads or writes a worker's `loaded`
+or `inflight`: the other parts ask through the verbs below (`submit`, `dispatch`,
+`expire_queued`, `queued`, `start_profile`, `profiling`, `model_in_use`, `forget_model`,
+`describe_workers`), so a change to the scheduler interface stays in this file.
+
+A worker registers with READY (a second READY from the same process replaces the first),
+is heard from at least every heartbeat interval and is lost after `heartbeat_liveness`
+of silence, on DISCONNECT, or when it registers again. Every action sent waits in its
+worker's `inflight` until its result comes back under the same id, the worker is lost,
+or `action_timeout` passes; the requests of an action given up on are queued once more
+if their deadline allows (`retry_or_fail`), else answered WORKER_LOST.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from broker.registry import ModelRecord
+from broker.scheduler import Scheduler, make_scheduler
+from broker.state import Action, ActionKind, PendingRequest, WorkerState
+from mtcore import actions as wire
+from mtcore.errors import DeadlineExpired, InternalError, MTError, Status, WorkerLost, error_for
+from mtcore.predictor import Predictor
+from mtcore.protocol import (
+    SHA256_HEX,
+    WORKER_TAG,
+    Message,
+    WCmd,
+    build,
+    frame_bytes,
+    parse_body,
+    split_envelope,
+)
+from mtcore.transport import send_frames
+
+if TYPE_CHECKING:
+    from broker.broker import Broker
+
+log = logging.getLogger("mtserve.broker")
+
+PROFILE_SAMPLES = 10  # runs measured per batch size when profiling
+
+
+class Backend:
+    """Workers, the scheduler, and the timed actions between them (a `Broker` mixin)."""
+
+    def init_backend(self: Broker) -> None:
+        self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
+        self.predictor = Predictor()  # exec and load times, learned from every result
+        self.scheduler: Scheduler = make_scheduler(
+            self.config.scheduler, self.config.max_queue, self.pending.__contains__, self.predictor
+        )  # queued requests -> actions
+        for record in self.registry.models.values():
+            self.seed_predictor(record)
+
+    # ------------------------------------------------------------------ messages in
+
+    def on_worker_message(self: Broker, frames: list[Any]) -> None:
+        try:
+            envelope, body = split_envelope(frames)
+            msg = parse_body(body, WORKER_TAG, WCmd, self.worker_limits)
+        except MTError as exc:
+            log.warning("dropped a malformed worker message: %s", exc)
+            self.counters["worker_malformed"] += 1
+            return
+        wid = frame_bytes(envelope[0])
+        now = time.monotonic()
+        if msg.cmd is WCmd.READY:
+            self.on_worker_ready(wid, msg, now)
+            return
+        worker = self.workers.get(wid)
+        if worker is None:  # e.g. it was declared lost, or we restarted: make it re-register
+            self.send_worker(wid, WCmd.DISCONNECT, {"reason": "unknown worker; send READY"})
+            return
+        worker.last_seen = now
+        if msg.cmd is WCmd.HEARTBEAT:
+            self.on_worker_heartbeat(worker, msg)
+            return
+        if msg.cmd is WCmd.FETCH_MODEL:
+            self.on_fetch_model(worker, msg)
+        elif msg.cmd is WCmd.DISCONNECT:
+            self.lose_worker(worker, "it disconnected")
+        else:
+            self.on_action_result(worker, msg, now)
+
+    def on_worker_ready(self: Broker, wid: bytes, msg: Message, now: float) -> None:
+        h = msg.header
+        incarnation = str(h.get("incarnation", ""))
+        for old in list(self.workers.values()):  # the same process on a new socket, or again
+            if old.wid == wid or (incarnation and old.incarnation == incarnation):
+                self.lose_worker(old, "it registered again")
+        worker = WorkerState(
+            wid,
+            str(h.get("name", "")),
+            str(h.get("kind", "cpu")),
+            int(h.get("memory_budget", 0)),
+            now,
+            incarnation=incarnation,
+        )
+        self.workers[wid] = worker
+        self.scheduler.add_worker(worker)
+        ready = {
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "heartbeat_liveness": self.config.heartbeat_liveness,
+        }
+        self.send_worker(wid, WCmd.READY, ready)
+        self.reprofile(worker)
+        log.info(
+            "worker %s joined (%s, budget %d bytes)", worker.name, worker.kind, worker.memory_budget
+        )
+
+    def on_worker_heartbeat(self: Broker, worker: WorkerState, msg: Message) -> None:
+        tiers = msg.header.get("tiers")
+        if tiers is None:
+            return
+        try:
+            worker.tiers = wire.TierReport.from_wire(tiers)
+        except MTError as exc:
+            log.warning("worker %s sent bad tiers: %s", worker.name, exc)
+            self.counters["worker_malformed"] += 1
+        worker.restarts = int(msg.header.get("restarts", 0) or 0)
+
+    def on_fetch_model(self: Broker, worker: WorkerState, msg: Message) -> None:
+        sha = str(msg.header.get("sha256", ""))
+        store = self.registry.store
+        if not SHA256_HEX.fullmatch(sha) or not store.has(sha):
+            self.send_worker(
+                worker.wid,
+                WCmd.FETCH_MODEL,
+                {
+                    "sha256": sha,
+                    "status": int(Status.LOAD_FAILED),
+                    "error": "no such model in the store",
+                },
+            )
+            return
+        self.send_worker(
+            worker.wid, WCmd.FETCH_MODEL, {"sha256": sha, "status": 0}, [store.read(sha)]
+        )
+
+    def on_action_result(self: Broker, worker: WorkerState, msg: Message, now: float) -> None:
+        try:
+            result = wire.decode_result(msg.cmd, msg.header)
+        except MTError as exc:
+            log.warning("dropped a malformed result from worker %s: %s", worker.name, exc)
+            self.counters["worker_malformed"] += 1
+            return
+        action = worker.inflight.get(result.action)
+        if action is None or result.sha256 != action.sha256:
+            return  # late result of an action we gave up on, or not ours at all
+        del worker.inflight[action.id]
+        if result.tiers is not None:
+            worker.tiers = result.tiers
+        self.learn(action, result)
+        self.scheduler.on_result(action, result.ok, now, result.evicted)
+        if result.status is wire.ActionStatus.EXEC_MODEL_MISSING:
+            # The worker dropped the model (its own budget, a failed load): forget it
+            # there and give its requests another go rather than failing them.
+            worker.loaded.pop(action.sha256, None)
+            for request in action.requests:
+                self.retry_or_fail(request, now, worker.name, "no longer held the model")
+        elif isinstance(result, wire.InferResult):
+            self.on_infer_result(action, result, msg.payload, now)
+        elif isinstance(result, wire.ProfileModelResult):
+            self.on_profile_result(action, result)
+        elif not result.ok:
+            log.warning("worker %s failed to load %s: [%d] %s", worker.name,
+                                 action.sha256[:12], result.status, result.error)  # fmt: skip
+        else:
+            self.counters[f"loads_from_{result.tier or 'unknown'}"] += 1
+
+    def on_infer_result(
+        self: Broker, action: Action, result: wire.InferResult, payload: list[Any], now: float
+    ) -> None:
+        by_rid = {r.rid: r for r in action.requests}
+        timing = result.timing
+        frames = iter(payload)
+        for item in result.results:
+            request = by_rid.pop(item.rid, None)
+            own = [next(frames, b"") for _ in item.outputs]
+            if request is None:
+                continue
+            if item.status != 0:
+                self.answer_error(request, error_for(item.status, str(item.error)))
+                continue
+            self.answer(
+                request,
+                {
+                    "outputs": item.outputs,
+                    "timing": {
+                        "queue": int((request.dispatched - request.arrival) * 1e6),
+                        "exec": timing.exec,
+                        "worker": timing.total,
+                        "total": int((now - request.arrival) * 1e6),
+                    },
+                    "batch": len(action.requests),
+                },
+                own,
+            )
+        for request in by_rid.values():
+            self.answer_error(request, InternalError("the worker's result omitted this request"))
+
+    # ------------------------------------------------------------------ liveness
+
+    def purge_lost_workers(self: Broker, now: float) -> None:
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > self.config.heartbeat_liveness:
+                self.lose_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
+
+    def expire_actions(self: Broker, now: float) -> None:
+        """Give up on actions a live worker never answered (a lost result), so no pipeline
+        slot and no model stays pinned: their requests are retried or answered."""
+        limit = self.config.action_timeout
+        for worker in self.workers.values():
+            for action in [a for a in worker.inflight.values() if now - a.sent > limit]:
+                del worker.inflight[action.id]
+                self.counters["actions_expired"] += 1
+                log.warning("worker %s never answered %s %d; giving up after %.0f s",
+                                     worker.name, action.kind.name, action.id, limit)  # fmt: skip
+                self.scheduler.on_result(action, False, now, [])
+                for request in action.requests:
+                    self.retry_or_fail(request, now, worker.name, "never answered")
+
+    def lose_worker(self: Broker, worker: WorkerState, why: str) -> None:
+        log.warning("worker %s lost: %s", worker.name, why)
+        self.workers.pop(worker.wid, None)
+        for action in worker.inflight.values():
+            if action.kind is ActionKind.PROFILE:
+                self.profile_lost(action, why)
+        now = time.monotonic()
+        for request in self.scheduler.on_worker_lost(worker):
+            self.retry_or_fail(request, now, worker.name)
+        worker.inflight.clear()
+
+    def retry_or_fail(
+        self: Broker, request: PendingRequest, now: float, worker_name: str, why: str = "was lost"
+    ) -> None:
+        """Queue a request again once (if its deadline allows), else answer WORKER_LOST."""
+        if request.rid not in self.pending:
+            return
+        if request.retries >= 1 or request.deadline <= now:
+            self.answer_error(
+                request, WorkerLost(f"worker {worker_name} {why} while running this request")
+            )
+            return
+        request.retries += 1
+        try:
+            self.submit(request, now)
+        except MTError as exc:
+            self.answer_error(request, exc)
+
+    def send_heartbeats(self: Broker, now: float) -> None:
+        for worker in self.workers.values():
+            if now - worker.last_sent > self.config.heartbeat_interval:
+                self.send_worker(worker.wid, WCmd.HEARTBEAT, {})
+                worker.last_sent = now
+
+    # ------------------------------------------------------------------ the scheduler
+
+    def submit(self: Broker, request: PendingRequest, now: float) -> None:
+        """Queue a request (new, or retried); raises DeadlineUnmeetable/Overloaded to refuse it."""
+        self.scheduler.add_request(request, now)
+
+    def dispatch(self: Broker, now: float) -> None:
+        """Send what the scheduler decides now; answer what it gave up on."""
+        actions = self.scheduler.schedule(now)
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        for request, exc in failed:
+            self.answer_error(request, exc)
+        for action in actions:
+            self.send_action(action, now)
+
+    def expire_queued(self: Broker, now: float) -> None:
+        """Answer the queued requests whose deadline can no longer be met."""
+        for request in self.scheduler.expire(now):
+            waited_ms = (now - request.arrival) * 1e3
+            self.answer_error(
+                request, DeadlineExpired(f"deadline passed after {waited_ms:.1f} ms queued")
+            )
+
+    def queued(self: Broker) -> int:
+        return self.scheduler.queued()
+
+    def model_in_use(self: Broker, sha256: str) -> bool:
+        """True while requests of that model are queued or running."""
+        return self.scheduler.has_work(sha256)
+
+    def start_profile(
+        self: Broker, sha256: str, max_batch: int, context: Any, worker: WorkerState | None = None
+    ) -> Action | None:
+        """Send a PROFILE of a model (batch sizes up to `max_batch`) to `worker`, or to the
+        least busy one; None when no worker is there. Its result comes back to
+        `on_profile_result` with `context` (the commit or record it is for)."""
+        if worker is None:
+            worker = min(self.workers.values(), key=lambda w: len(w.inflight), default=None)
+            if worker is None:
+                return None
+        batches = [b for b in self.config.profile_batches if b <= max_batch] or [1]
+        action = Action(ActionKind.PROFILE, worker, sha256, context=(context, batches))
+        worker.inflight[action.id] = action
+        self.send_action(action, time.monotonic())
+        return action
+
+    def profiling(self: Broker) -> set[str]:
+        """The models a PROFILE is in flight for, on any worker."""
+        return {a.sha256 for w in self.workers.values() for a in w.inflight.values()
+                if a.kind is ActionKind.PROFILE}  # fmt: skip
+
+    def forget_model(self: Broker, sha256: str) -> None:
+        """Have every worker drop a model from both tiers (its bytes are gone)."""
+        for worker in self.workers.values():
+            worker.loaded.pop(sha256, None)
+            self.send_action(
+                Action(ActionKind.UNLOAD, worker, sha256, context="forget"), time.monotonic()
+            )
+
+    def describe_workers(self: Broker) -> list[dict[str, Any]]:
+        return [w.describe() for w in self.workers.values()]
+
+    # ------------------------------------------------------------------ the predictor
+
+    def seed_predictor(self: Broker, record: ModelRecord) -> None:
+        """Start the predictor's windows for a model from its upload profile."""
+        samples = record.measurements.get("samples") or {}
+        kind = str(record.measurements.get("kind", "cpu"))
+        self.predictor.seed_exec(record.sha256, kind, {int(b): t for b, t in samples.items()})
+
+    def learn(self: Broker, action: Action, result: wire.Result) -> None:
+        """Feed a measured duration to the predictor (exec per batch, load per tier)."""
+        kind = action.worker.kind
+        if isinstance(result, wire.InferResult) and result.ok and action.requests:
+            rows = sum(r.batch for r in action.requests)
+            self.predictor.observe_exec(action.sha256, kind, rows, result.timing.exec)
+        elif isinstance(result, wire.LoadModelResult) and result.ok and result.tier != "device":
+            size = next((m.size for m in self.registry.models.values()
+                         if m.sha256 == action.sha256), 0)  # fmt: skip
+            self.predictor.observe_load(action.sha256, kind, result.tier, size,
+                                        result.timing.load)  # fmt: skip
+
+    def expected_duration(self: Broker, action: Action) -> float:
+        """The predictor's seconds for an INFER (0.0 when it knows nothing yet)."""
+        if action.kind is not ActionKind.INFER or not action.requests:
+            return action.expected_duration
+        rows = sum(r.batch for r in action.requests)
+        us = self.predictor.exec_us(action.sha256, action.worker.kind, rows)
+        return (us or 0.0) / 1e6
+
+    # ------------------------------------------------------------------ messages out
+
+    def send_action(self: Broker, action: Action, now: float) -> None:
+        action.sent = now
+        action.expected_duration = self.expected_duration(action)
+        message = wire_action(action, now)
+        payload = [f for r in action.requests for f in r.frames]
+        self.send_worker(action.worker.wid, message.cmd, message.to_header(), payload)
+        action.worker.last_sent = now
+        if action.kind is ActionKind.LOAD:
+            self.counters["loads"] += 1
+        elif action.kind is ActionKind.UNLOAD:
+            self.counters["evictions"] += 1
+
+    def send_worker(
+        self: Broker, wid: bytes, cmd: WCmd, header: dict[str, Any], payload: list[Any] = ()
+    ) -> None:
+        send_frames(self.backend, [wid, *build(WORKER_TAG, cmd, header, payload)])
+
+
+def wire_action(action: Action, now: float) -> wire.Action:
+    """The worker-protocol struct of a controller action; windows relative to `now`."""
+    latest = action.latest - now if not math.isinf(action.latest) else math.inf
+    common = (action.id, action.sha256, 0.0, latest, action.expected_duration)
+    if action.kind is ActionKind.INFER:
+        requests = [[r.rid, r.wire_inputs] for r in action.requests]
+        return wire.Infer(*common, requests=requests)
+    if action.kind is ActionKind.LOAD:
+        return wire.LoadModel(*common)
+    if action.kind is ActionKind.UNLOAD:
+        return wire.UnloadModel(*common, forget=action.context == "forget")
+    batches = action.context[1]
+    return wire.ProfileModel(*common, batches=batches, samples=PROFILE_SAMPLES)

@@ -1,0 +1,183 @@
+"""The broker's tenant side: a message in, decoded once, to the handler of its verb.
+
+`Frontend` is mixed into `broker.broker.Broker` (see its docstring for why mixins).
+`on_client_message` splits the envelope, parses tag, command and header with the
+configured bounds, and decodes the header into its command's typed request
+(`mtcore.messages`); each `on_<verb>` gets that struct and the payload frames, never the
+raw header. A handler either replies at once (PING, UPLOAD_BEGIN, UPLOAD_CHUNK, LIST,
+INFO, DELETE, STATUS) or hands the request on and the answer comes later: INFER to the
+scheduler (`submit`, answered through `Broker.answer`), UPLOAD_COMMIT to the commit state
+machine (`begin_commit`). Any MTError a handler raises becomes that request's one error
+reply; any other exception an INTERNAL reply, and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from broker.registry import ModelRecord
+from broker.state import PendingRequest
+from broker.validate import plan_inputs
+from mtcore import messages
+from mtcore.errors import (
+    BadArgument,
+    InternalError,
+    ModelExists,
+    ModelNotFound,
+    MTError,
+    Overloaded,
+)
+from mtcore.protocol import (
+    TAG,
+    VERSION,
+    Cmd,
+    frame_buffer,
+    frame_size,
+    parse_body,
+    peek_cmd,
+    peek_id,
+    split_envelope,
+)
+
+if TYPE_CHECKING:
+    from broker.broker import Broker
+
+log = logging.getLogger("mtserve.broker")
+
+
+class Frontend:
+    """Tenant requests: decode and the verb handlers (a `Broker` mixin)."""
+
+    def init_frontend(self: Broker) -> None:
+        # Each handler gets the routing envelope, the decoded request and the payload frames.
+        self.handlers: dict[Cmd, Callable[[list[Any], Any, list[Any]], None]] = {
+            Cmd.PING: self.on_ping,
+            Cmd.UPLOAD_BEGIN: self.on_upload_begin,
+            Cmd.UPLOAD_CHUNK: self.on_upload_chunk,
+            Cmd.UPLOAD_COMMIT: self.on_upload_commit,
+            Cmd.INFER: self.on_infer,
+            Cmd.LIST: self.on_list,
+            Cmd.INFO: self.on_info,
+            Cmd.DELETE: self.on_delete,
+            Cmd.STATUS: self.on_status,
+        }
+        self.by_command: Counter[Cmd] = Counter()  # tenant requests by command
+        self._rids = itertools.count(secrets.randbits(40) << 16)  # request ids (random start)
+
+    def on_client_message(self: Broker, frames: list[Any]) -> None:
+        self.counters["messages"] += 1
+        try:
+            envelope, body = split_envelope(frames)
+        except MTError as exc:  # no delimiter: still routable by the first frame
+            self.reply_error(frames[:1], Cmd.PING.value, None, exc)
+            return
+        try:
+            msg = parse_body(body, TAG, Cmd, self.limits)
+        except MTError as exc:
+            self.reply_error(envelope, peek_cmd(body), peek_id(body), exc)
+            return
+        request = None
+        try:
+            request = messages.decode(msg.cmd, msg.header, self.limits)  # every field, once
+            self.by_command[msg.cmd] += 1
+            self.handlers[msg.cmd](envelope, request, msg.payload)
+        except Exception as exc:
+            if not isinstance(exc, MTError):
+                log.exception("bug while handling %s", msg.cmd.name)
+                exc = InternalError(f"{type(exc).__name__} in {msg.cmd.name} handler: {exc}")
+            client_id = request.id if request is not None else messages.reply_id(msg.header)
+            self.reply_error(envelope, msg.cmd, client_id, exc)
+
+    def on_ping(
+        self: Broker, envelope: list[Any], request: messages.Ping, payload: list[Any]
+    ) -> None:
+        self.reply(envelope, Cmd.PING, {"id": request.id, "server": f"mtserve {VERSION}"})
+
+    def on_upload_begin(
+        self: Broker, envelope: list[Any], request: messages.UploadBegin, payload: list[Any]
+    ) -> None:
+        name = request.name
+        if not request.replace and self.registry.get(request.tenant, name):
+            raise ModelExists(f"model '{name}' exists; upload with replace=true to overwrite it")
+        upload = self.uploads.begin(
+            request.tenant, name, request.size, request.sha256, request.replace, request.max_batch
+        )
+        self.reply(envelope, Cmd.UPLOAD_BEGIN, {"id": request.id, "upload": upload.handle})
+
+    def on_upload_chunk(
+        self: Broker, envelope: list[Any], request: messages.UploadChunk, payload: list[Any]
+    ) -> None:
+        upload = self.uploads.get(request.tenant, request.upload)
+        if len(payload) != 1:
+            raise BadArgument(f"UPLOAD_CHUNK carries exactly 1 payload frame, got {len(payload)}")
+        received = self.uploads.write_chunk(upload, request.offset, frame_buffer(payload[0]))
+        self.reply(envelope, Cmd.UPLOAD_CHUNK, {"id": request.id, "received": received})
+
+    def on_upload_commit(
+        self: Broker, envelope: list[Any], request: messages.UploadCommit, payload: list[Any]
+    ) -> None:
+        upload = self.uploads.get(request.tenant, request.upload)
+        path = self.uploads.finish(upload)  # checks coverage; the hash runs off the loop
+        self.begin_commit(envelope, request.id, upload, path)
+
+    def on_infer(
+        self: Broker, envelope: list[Any], request: messages.Infer, payload: list[Any]
+    ) -> None:
+        model = self._model(request.tenant, request.model)
+        plan = plan_inputs(model, request.inputs)
+        frames = plan.frames(payload)
+        now = time.monotonic()
+        deadline = request.deadline(now)
+        nbytes = sum(frame_size(f) for f in frames)
+        if self.pending_bytes + nbytes > self.config.max_pending_bytes:
+            raise Overloaded(
+                f"{self.pending_bytes} bytes of inputs already wait for answers; retry later"
+            )
+        rid = next(self._rids)
+        pending = PendingRequest(
+            rid, envelope, request.id, model, plan.descs, frames, plan.batch, now, deadline
+        )
+        pending.nbytes = nbytes
+        pending.wire_inputs = plan.wire
+        self.submit(pending, now)
+        self.pending_bytes += nbytes
+        give_up = min(deadline + self.config.answer_grace, now + self.config.max_request_time)
+        self.pending.insert(pending.rid, give_up, pending)
+
+    def on_list(
+        self: Broker, envelope: list[Any], request: messages.ListModels, payload: list[Any]
+    ) -> None:
+        models = [m.to_info() for m in self.registry.list(request.tenant)]
+        self.reply(envelope, Cmd.LIST, {"id": request.id, "models": models})
+
+    def on_info(
+        self: Broker, envelope: list[Any], request: messages.GetModelInfo, payload: list[Any]
+    ) -> None:
+        model = self._model(request.tenant, request.model)
+        self.reply(envelope, Cmd.INFO, {"id": request.id, "model": model.to_info()})
+
+    def on_delete(
+        self: Broker, envelope: list[Any], request: messages.DeleteModel, payload: list[Any]
+    ) -> None:
+        model = self._model(request.tenant, request.model)
+        self.registry.delete(request.tenant, model.name)
+        self.release_blob(model.sha256)
+        self.reply(envelope, Cmd.DELETE, {"id": request.id})
+
+    def on_status(
+        self: Broker, envelope: list[Any], request: messages.GetStatus, payload: list[Any]
+    ) -> None:
+        info = self.status_info(request.tenant)
+        self.reply(envelope, Cmd.STATUS, {"id": request.id, "status_info": info})
+
+    def _model(self: Broker, tenant: str, name: str) -> ModelRecord:
+        model = self.registry.get(tenant, name)
+        if model is None:
+            raise ModelNotFound(f"no model '{name}' for tenant '{tenant}'; `list` shows yours")
+        return model
