@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.scenarios import RESULTS, fmt_value, goal
+from bench.scenarios import RESULTS, goal, print_goals
 
 Loop = Callable[[Any, int], float]  # (module, iterations) -> seconds
 
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             r["dict_ns"] = min(dict_loop(n) for _ in range(args.repeats)) / n * 1e9
             print(f"{'':<14}{'bare dict (yardstick)':<24}{r['dict_ns']:>10.0f}")
             lines.append(goal("_reqtable bare dict / C, insert+pop", r["dict_ns"] / r["c_ns"]))
-    for g in lines:
-        verdict = {True: "met", False: "NOT met"}.get(g["met"], "reported")
-        print(f"goal: {g['metric']} = {fmt_value(g['value'])} (goal {g['goal']}): {verdict}")
+    print_goals(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "ccore.json"
     doc = {"benchmark": "ccore", "repeats": args.repeats, "modules": results, "goals": lines}

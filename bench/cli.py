@@ -5,6 +5,7 @@
     mtbench latency      one request at a time: mtserve vs in-process ONNX Runtime
     mtbench ccore        each C core module vs its pure-Python twin, on its own path
     mtbench swap         host-tier swap-in vs a fresh session build, per zoo model
+    mtbench scheduler    both schedulers: 64 simulated workers, and one real CPU worker
 
 Ray binds some servers on 0.0.0.0, so with Ray (`--target ray`, `compare --ray`) this
 command re-executes itself in a private network namespace that has only loopback
@@ -95,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("latency", help="one request at a time: mtserve vs in-process ONNX Runtime")
     sub.add_parser("ccore", help="each C core module vs its pure-Python twin", add_help=False)
     sub.add_parser("swap", help="host-tier swap-in vs a fresh session build", add_help=False)
+    sub.add_parser("scheduler", help="both schedulers, simulated and real", add_help=False)
     return p
 
 
@@ -339,7 +341,7 @@ def _run_config(
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("ccore", "swap"):  # their own flags: see their --help
+    if argv and argv[0] in ("ccore", "swap", "scheduler"):  # their own flags: see --help
         module = importlib.import_module(f"bench.{argv[0]}")
         return module.main(argv[1:])
     args = parser().parse_args(argv)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import zoo
-from bench.scenarios import RESULTS, fmt_value, goal, meta
+from bench.scenarios import RESULTS, goal, meta, print_goals
 
 GOALS = {  # model -> swap-in speed-up it must reach (the figures)
     "resnet18": 10.0,
@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "swap.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print_table(models, memory)
-    for g in lines:
-        verdict = {True: "met", False: "NOT met"}.get(g["met"], "reported")
-        print(f"goal: {g['metric']} = {fmt_value(g['value'])} (goal {g['goal']}): {verdict}")
+    print_goals(lines)
     print(f"wrote {path}")
     return 0
 

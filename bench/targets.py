@@ -172,7 +172,7 @@ class MtserveTarget(_RemoteTarget):
         timeout: float = 120.0,
         name: str = "mtserve",
         spin_us: int = 0,
-        scheduler: str = "fifo",
+        scheduler: str = "predictive",
     ) -> None:
         self.name = name
         self.spin_us = spin_us  # busy-poll window of broker and workers (--spin-us)

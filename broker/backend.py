@@ -1,18 +1,19 @@
 """The broker's worker side: membership, the scheduler, and the actions sent and answered.
 
-`Backend` is mixed into `broker.broker.Broker` (see its docstring for why mixins). It owns
-the workers (`WorkerState`), the scheduler and the predictor that feeds it, and it is the
-only part of the broker that calls the scheduler or reads or writes a worker's `loaded`
-or `inflight`: the other parts ask through the verbs below (`submit`, `dispatch`,
-`expire_queued`, `queued`, `start_profile`, `profiling`, `model_in_use`, `forget_model`,
-`describe_workers`), so a change to the scheduler interface stays in this file.
+`Backend` is mixed into `broker.broker.Broker` (see its docstring for why mixins). It keeps
+worker membership (`WorkerState`) and the map of the actions sent (`actions`, by id), and
+it is the only part of the broker that calls the scheduler: the other parts ask through
+the verbs below (`submit`, `dispatch`, `queued`, `start_profile`, `profiling`,
+`model_in_use`, `forget_model`, `describe_workers`). What each worker holds, runs and will
+be free, retries, and learning from results belong to the scheduler (`broker.scheduler`).
 
 A worker registers with READY (a second READY from the same process replaces the first),
 is heard from at least every heartbeat interval and is lost after `heartbeat_liveness`
-of silence, on DISCONNECT, or when it registers again. Every action sent waits in its
-worker's `inflight` until its result comes back under the same id, the worker is lost,
-or `action_timeout` passes; the requests of an action given up on are queued once more
-if their deadline allows (`retry_or_fail`), else answered WORKER_LOST.
+of silence, on DISCONNECT, or when it registers again. Every action sent (but UNLOAD,
+which needs no answer) waits in `actions` until its result comes back under the same id
+from the worker it was sent to, the worker is lost, or `action_timeout` passes; the
+scheduler then decides what happens to its requests (queued once more if their deadline
+allows, else answered WORKER_LOST).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from broker.registry import ModelRecord
 from broker.scheduler import Scheduler, make_scheduler
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from mtcore import actions as wire
-from mtcore.errors import DeadlineExpired, InternalError, MTError, Status, WorkerLost, error_for
-from mtcore.predictor import Predictor
+from mtcore.errors import InternalError, MTError, Status, error_for
 from mtcore.protocol import (
     SHA256_HEX,
     WORKER_TAG,
@@ -53,10 +53,11 @@ class Backend:
 
     def init_backend(self: Broker) -> None:
         self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
-        self.predictor = Predictor()  # exec and load times, learned from every result
+        self.actions: dict[int, Action] = {}  # id -> action sent and not yet answered
         self.scheduler: Scheduler = make_scheduler(
-            self.config.scheduler, self.config.max_queue, self.pending.__contains__, self.predictor
+            self.config.scheduler, self.config.max_queue, objective=self.config.objective
         )  # queued requests -> actions
+        self.predictor = self.scheduler.predictor  # exec and load times, learned from results
         for record in self.registry.models.values():
             self.seed_predictor(record)
 
@@ -102,10 +103,11 @@ class Backend:
             str(h.get("kind", "cpu")),
             int(h.get("memory_budget", 0)),
             now,
+            lanes=max(1, int(h.get("exec_threads", 1) or 1)),
             incarnation=incarnation,
         )
         self.workers[wid] = worker
-        self.scheduler.add_worker(worker)
+        self.scheduler.add_worker(worker, now)
         ready = {
             "heartbeat_interval": self.config.heartbeat_interval,
             "heartbeat_liveness": self.config.heartbeat_liveness,
@@ -121,7 +123,7 @@ class Backend:
         if tiers is None:
             return
         try:
-            worker.tiers = wire.TierReport.from_wire(tiers)
+            worker.report(wire.TierReport.from_wire(tiers))
         except MTError as exc:
             log.warning("worker %s sent bad tiers: %s", worker.name, exc)
             self.counters["worker_malformed"] += 1
@@ -152,29 +154,23 @@ class Backend:
             log.warning("dropped a malformed result from worker %s: %s", worker.name, exc)
             self.counters["worker_malformed"] += 1
             return
-        action = worker.inflight.get(result.action)
-        if action is None or result.sha256 != action.sha256:
+        action = self.actions.get(result.action)
+        if action is None or action.worker is not worker or result.sha256 != action.sha256:
             return  # late result of an action we gave up on, or not ours at all
-        del worker.inflight[action.id]
+        del self.actions[action.id]
         if result.tiers is not None:
-            worker.tiers = result.tiers
-        self.learn(action, result)
-        self.scheduler.on_result(action, result.ok, now, result.evicted)
-        if result.status is wire.ActionStatus.EXEC_MODEL_MISSING:
-            # The worker dropped the model (its own budget, a failed load): forget it
-            # there and give its requests another go rather than failing them.
-            worker.loaded.pop(action.sha256, None)
-            for request in action.requests:
-                self.retry_or_fail(request, now, worker.name, "no longer held the model")
-        elif isinstance(result, wire.InferResult):
-            self.on_infer_result(action, result, msg.payload, now)
+            worker.report(result.tiers)
+        if result.ok and isinstance(result, wire.LoadModelResult):
+            self.counters[f"loads_from_{result.tier or 'unknown'}"] += 1
+        answers = self.scheduler.on_result(action, result, now)
+        if isinstance(result, wire.InferResult):
+            if answers:  # else the scheduler took the requests back (retried or failed)
+                self.on_infer_result(action, result, msg.payload, now)
         elif isinstance(result, wire.ProfileModelResult):
             self.on_profile_result(action, result)
         elif not result.ok:
             log.warning("worker %s failed to load %s: [%d] %s", worker.name,
-                                 action.sha256[:12], result.status, result.error)  # fmt: skip
-        else:
-            self.counters[f"loads_from_{result.tier or 'unknown'}"] += 1
+                        action.sha256[:12], result.status, result.error)  # fmt: skip
 
     def on_infer_result(
         self: Broker, action: Action, result: wire.InferResult, payload: list[Any], now: float
@@ -216,45 +212,24 @@ class Backend:
 
     def expire_actions(self: Broker, now: float) -> None:
         """Give up on actions a live worker never answered (a lost result), so no pipeline
-        slot and no model stays pinned: their requests are retried or answered."""
+        slot and no model stays pinned: the scheduler retries or fails their requests."""
         limit = self.config.action_timeout
-        for worker in self.workers.values():
-            for action in [a for a in worker.inflight.values() if now - a.sent > limit]:
-                del worker.inflight[action.id]
-                self.counters["actions_expired"] += 1
-                log.warning("worker %s never answered %s %d; giving up after %.0f s",
-                                     worker.name, action.kind.name, action.id, limit)  # fmt: skip
-                self.scheduler.on_result(action, False, now, [])
-                for request in action.requests:
-                    self.retry_or_fail(request, now, worker.name, "never answered")
+        for action in [a for a in self.actions.values() if now - a.sent > limit]:
+            del self.actions[action.id]
+            self.counters["actions_expired"] += 1
+            log.warning("worker %s never answered %s %d; giving up after %.0f s",
+                        action.worker.name, action.kind.name, action.id, limit)  # fmt: skip
+            self.scheduler.on_result(action, None, now)
+            if action.kind is ActionKind.PROFILE:
+                self.profile_lost(action, f"it did not answer within {limit:.0f} s")
 
     def lose_worker(self: Broker, worker: WorkerState, why: str) -> None:
         log.warning("worker %s lost: %s", worker.name, why)
         self.workers.pop(worker.wid, None)
-        for action in worker.inflight.values():
+        for action in self.scheduler.remove_worker(worker, time.monotonic()):
+            self.actions.pop(action.id, None)
             if action.kind is ActionKind.PROFILE:
                 self.profile_lost(action, why)
-        now = time.monotonic()
-        for request in self.scheduler.on_worker_lost(worker):
-            self.retry_or_fail(request, now, worker.name)
-        worker.inflight.clear()
-
-    def retry_or_fail(
-        self: Broker, request: PendingRequest, now: float, worker_name: str, why: str = "was lost"
-    ) -> None:
-        """Queue a request again once (if its deadline allows), else answer WORKER_LOST."""
-        if request.rid not in self.pending:
-            return
-        if request.retries >= 1 or request.deadline <= now:
-            self.answer_error(
-                request, WorkerLost(f"worker {worker_name} {why} while running this request")
-            )
-            return
-        request.retries += 1
-        try:
-            self.submit(request, now)
-        except MTError as exc:
-            self.answer_error(request, exc)
 
     def send_heartbeats(self: Broker, now: float) -> None:
         for worker in self.workers.values():
@@ -265,8 +240,12 @@ class Backend:
     # ------------------------------------------------------------------ the scheduler
 
     def submit(self: Broker, request: PendingRequest, now: float) -> None:
-        """Queue a request (new, or retried); raises DeadlineUnmeetable/Overloaded to refuse it."""
+        """Queue a new request; raises DeadlineUnmeetable/Overloaded to refuse it."""
         self.scheduler.add_request(request, now)
+
+    def cancel(self: Broker, request: PendingRequest) -> None:
+        """A request was answered without the scheduler (abandoned, or shutting down)."""
+        self.scheduler.cancel(request)
 
     def dispatch(self: Broker, now: float) -> None:
         """Send what the scheduler decides now; answer what it gave up on."""
@@ -277,13 +256,9 @@ class Backend:
         for action in actions:
             self.send_action(action, now)
 
-    def expire_queued(self: Broker, now: float) -> None:
-        """Answer the queued requests whose deadline can no longer be met."""
-        for request in self.scheduler.expire(now):
-            waited_ms = (now - request.arrival) * 1e3
-            self.answer_error(
-                request, DeadlineExpired(f"deadline passed after {waited_ms:.1f} ms queued")
-            )
+    def next_wakeup(self: Broker, now: float) -> float:
+        """When the scheduler next has work of its own (an expiry, an action due)."""
+        return self.scheduler.next_wakeup(now)
 
     def queued(self: Broker) -> int:
         return self.scheduler.queued()
@@ -298,65 +273,35 @@ class Backend:
         """Send a PROFILE of a model (batch sizes up to `max_batch`) to `worker`, or to the
         least busy one; None when no worker is there. Its result comes back to
         `on_profile_result` with `context` (the commit or record it is for)."""
-        if worker is None:
-            worker = min(self.workers.values(), key=lambda w: len(w.inflight), default=None)
-            if worker is None:
-                return None
         batches = [b for b in self.config.profile_batches if b <= max_batch] or [1]
-        action = Action(ActionKind.PROFILE, worker, sha256, context=(context, batches))
-        worker.inflight[action.id] = action
-        self.send_action(action, time.monotonic())
+        action = self.scheduler.place_profile(sha256, (context, batches), worker)
+        if action is not None:
+            self.send_action(action, time.monotonic())
         return action
 
     def profiling(self: Broker) -> set[str]:
         """The models a PROFILE is in flight for, on any worker."""
-        return {a.sha256 for w in self.workers.values() for a in w.inflight.values()
-                if a.kind is ActionKind.PROFILE}  # fmt: skip
+        return {a.sha256 for a in self.actions.values() if a.kind is ActionKind.PROFILE}
 
     def forget_model(self: Broker, sha256: str) -> None:
         """Have every worker drop a model from both tiers (its bytes are gone)."""
-        for worker in self.workers.values():
-            worker.loaded.pop(sha256, None)
-            self.send_action(
-                Action(ActionKind.UNLOAD, worker, sha256, context="forget"), time.monotonic()
-            )
+        now = time.monotonic()
+        for action in self.scheduler.forget_model(sha256):
+            self.send_action(action, now)
 
     def describe_workers(self: Broker) -> list[dict[str, Any]]:
-        return [w.describe() for w in self.workers.values()]
-
-    # ------------------------------------------------------------------ the predictor
+        return [w.describe() | self.scheduler.describe(w) for w in self.workers.values()]
 
     def seed_predictor(self: Broker, record: ModelRecord) -> None:
-        """Start the predictor's windows for a model from its upload profile."""
-        samples = record.measurements.get("samples") or {}
-        kind = str(record.measurements.get("kind", "cpu"))
-        self.predictor.seed_exec(record.sha256, kind, {int(b): t for b, t in samples.items()})
-
-    def learn(self: Broker, action: Action, result: wire.Result) -> None:
-        """Feed a measured duration to the predictor (exec per batch, load per tier)."""
-        kind = action.worker.kind
-        if isinstance(result, wire.InferResult) and result.ok and action.requests:
-            rows = sum(r.batch for r in action.requests)
-            self.predictor.observe_exec(action.sha256, kind, rows, result.timing.exec)
-        elif isinstance(result, wire.LoadModelResult) and result.ok and result.tier != "device":
-            size = next((m.size for m in self.registry.models.values()
-                         if m.sha256 == action.sha256), 0)  # fmt: skip
-            self.predictor.observe_load(action.sha256, kind, result.tier, size,
-                                        result.timing.load)  # fmt: skip
-
-    def expected_duration(self: Broker, action: Action) -> float:
-        """The predictor's seconds for an INFER (0.0 when it knows nothing yet)."""
-        if action.kind is not ActionKind.INFER or not action.requests:
-            return action.expected_duration
-        rows = sum(r.batch for r in action.requests)
-        us = self.predictor.exec_us(action.sha256, action.worker.kind, rows)
-        return (us or 0.0) / 1e6
+        """A model was published (or found at start): its profile seeds the predictions."""
+        self.scheduler.seed(record)
 
     # ------------------------------------------------------------------ messages out
 
     def send_action(self: Broker, action: Action, now: float) -> None:
         action.sent = now
-        action.expected_duration = self.expected_duration(action)
+        if action.kind is not ActionKind.UNLOAD:  # an UNLOAD needs no answer
+            self.actions[action.id] = action
         message = wire_action(action, now)
         payload = [f for r in action.requests for f in r.frames]
         self.send_worker(action.worker.wid, message.cmd, message.to_header(), payload)

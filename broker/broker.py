@@ -30,6 +30,7 @@ declares the state it owns in its `init_*` method; methods annotate `self: Broke
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections import Counter
@@ -54,6 +55,7 @@ from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
 log = logging.getLogger("mtserve.broker")
 
 TICK = 0.05  # seconds between housekeeping passes
+COMMIT_POLL = 0.005  # seconds between checks of commits being validated off the loop
 # Messages read per loop turn. Tenant requests come in small gulps so that worker
 # results (and the dispatch they enable) are never stuck behind a long tenant backlog.
 FRONTEND_BATCH = 32
@@ -111,15 +113,26 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         log.info(
             "broker serving tenants on %s, workers on %s", self.config.frontend, self.config.backend
         )
-        idle_ms = TICK * 1000
         try:
             while not self._stopping:
-                if self._spin_until > time.monotonic():
+                now = time.monotonic()
+                if self._spin_until > now:
                     self.turn(0)  # busy-poll: the next message is likely close
                 else:
-                    self.turn(5 if self.commits else idle_ms)
+                    self.turn(self.idle_ms(now))
         finally:
             self.shutdown()
+
+    def idle_ms(self, now: float) -> float:
+        """How long the loop may sleep when no message comes: until the scheduler's next
+        planned action or expiry (at once if that is due), or else at least a millisecond
+        until the next housekeeping tick or commit check. poll() takes whole ms."""
+        until = self._next_tick if not self.commits else min(self._next_tick, now + COMMIT_POLL)
+        housekeeping = max(1, math.ceil((until - now) * 1000))
+        planned = self.next_wakeup(now)
+        if planned - now >= housekeeping / 1000:
+            return housekeeping
+        return max(0, math.ceil((planned - now) * 1000))
 
     def turn(self, timeout_ms: float) -> None:
         """One pass of the loop: wait for messages, handle them, housekeeping, dispatch."""
@@ -162,7 +175,6 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         self.purge_lost_workers(now)
         self.expire_actions(now)
         self.send_heartbeats(now)
-        self.expire_queued(now)
         self.expire_answers(now)
         self.uploads.expire(now, self.config.upload_timeout)
         self.expire_profiles(now)
@@ -202,6 +214,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         """Send the one answer of a request, unless it was answered already."""
         if self.pending.pop(request.rid, None) is None:
             return
+        request.answered = True
         self.pending_bytes -= request.nbytes
         header["id"] = request.client_id
         self.reply(request.envelope, Cmd.INFER, header, payload)
@@ -213,5 +226,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         """Answer INTERNAL what no worker answered in time (deadline + grace, or lifetime)."""
         abandoned = InternalError("no answer from a worker in time (deadline + grace, or lifetime)")
         for _, request in self.pending.pop_expired(now):
+            request.answered = True
+            self.cancel(request)  # it may still wait in a queue (no deadline, lifetime over)
             self.pending_bytes -= request.nbytes
             self.reply_error(request.envelope, Cmd.INFER, request.client_id, abandoned)

@@ -1,96 +1,545 @@
 """Schedulers: turn queued requests into timed actions for workers.
 
-`Scheduler` is the interface the broker calls; its call points are `add_request`,
-`add_worker`, `on_result`, `schedule`, `expire`, `on_worker_lost` and `drop_model`.
-`FifoLruScheduler` is the baseline: per-model FIFO queues, models loaded on demand,
-evicted least-recently-used when a worker's budget is full, batches up to the model's
-cap. `broker.predictive.PredictiveScheduler` is the second implementation.
+The broker keeps worker membership and a map of the actions it sent; a `Scheduler` owns
+everything else: the queues, per worker what it holds, runs and when it will be free
+(`WorkerPlan`), retries, profiling placement and the predictor it learns into. It does no
+I/O. The broker calls it at these points and sends the actions it returns:
+
+- `add_request(request, now)`: queue a request, or raise (Overloaded,
+  DeadlineUnmeetable) to answer it at once;
+- `cancel(request)`: the broker answered a queued request another way;
+- `add_worker(worker, now)`, `remove_worker(worker, now)`: membership; a lost worker's
+  requests are retried once or failed;
+- `on_result(action, result, now)`: a typed result (None: the worker never answered);
+  True when the result answers the action's requests, False when the scheduler took
+  them back (retried or failed);
+- `schedule(now)`: the actions to send now, in order per worker; requests it gives up on
+  go to `failed` for the broker to answer;
+- `next_wakeup(now)`: when `schedule` has work even if no message arrives (a queued
+  request about to expire, an action due), so the loop neither polls nor spins;
+- `place_profile`, `drop_model`, `forget_model`, `has_work`, `seed`: model lifecycle.
+
+`QueueScheduler` holds the mechanics both policies share; `FifoLruScheduler` is the
+baseline and `broker.predictive.PredictiveScheduler` plans with predicted durations.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
 
+from broker.registry import ModelRecord
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
-from mtcore.errors import DeadlineUnmeetable, LoadFailed, Overloaded
-from mtcore.predictor import Predictor
+from mtcore import actions as wire
+from mtcore.errors import (
+    DeadlineExpired,
+    DeadlineUnmeetable,
+    LoadFailed,
+    MTError,
+    Overloaded,
+    WorkerLost,
+)
+from mtcore.predictor import PLANNING_HEADROOM, Predictor
 
-PIPELINE_DEPTH = 2  # INFER actions in flight per worker: one running, one ready behind it
+PIPELINE_DEPTH = 2  # FIFO: INFER actions in flight per worker, one running, one ready behind
+EXPIRE_PERIOD = 0.05  # FIFO: seconds between scans for queued requests past their deadline
+
+
+@dataclass(eq=False)
+class WorkerPlan:
+    """The scheduler's view of one worker: what it holds, runs and when it will be free."""
+
+    worker: WorkerState
+    loaded: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sha -> bytes, LRU first
+    inflight: dict[int, Action] = field(default_factory=dict)  # id -> action sent, unanswered
+    lanes: list[float] = field(default_factory=list)  # predicted free time of each executor
+    loader_free: float = 0.0  # predicted time its loader finishes the loads sent
+    ready: dict[str, float] = field(default_factory=dict)  # sha -> predicted end of its LOAD
+    last_used: dict[str, float] = field(default_factory=dict)  # sha -> last INFER placed
+    running: dict[int, Action] = field(default_factory=dict)  # the INFERs of `inflight`
+    pins: Counter[str] = field(default_factory=Counter)  # sha -> actions in flight or planned
+    pinned: int = 0  # bytes of the loaded models in `pins`: they cannot be evicted
+
+    used: int = 0  # bytes of `loaded`
+
+    def memory_used(self) -> int:
+        return self.used
+
+    def hold(self, sha: str, size: int) -> None:
+        delta = size - self.loaded.get(sha, 0)
+        self.used += delta
+        if sha in self.pins:
+            self.pinned += delta
+        self.loaded[sha] = size
+
+    def drop(self, sha: str) -> None:
+        size = self.loaded.pop(sha, 0)
+        self.used -= size
+        if sha in self.pins:
+            self.pinned -= size
+
+    def pin(self, sha: str) -> None:
+        """One more action or planned request needs the model here: it stays."""
+        if not self.pins[sha]:
+            self.pinned += self.loaded.get(sha, 0)
+        self.pins[sha] += 1
+
+    def unpin(self, sha: str) -> None:
+        self.pins[sha] -= 1
+        if self.pins[sha] <= 0:
+            del self.pins[sha]
+            self.pinned -= self.loaded.get(sha, 0)
+
+    def busy_infers(self) -> int:
+        return len(self.running)
+
+    def track(self, action: Action) -> None:
+        self.inflight[action.id] = action
+        if action.kind is ActionKind.INFER:
+            self.running[action.id] = action
+        self.pin(action.sha256)
+
+    def untrack(self, action: Action) -> bool:
+        """Forget an answered action; False when it was not in flight here."""
+        if self.inflight.pop(action.id, None) is None:
+            return False
+        self.running.pop(action.id, None)
+        self.unpin(action.sha256)
+        return True
+
+    def can_fit(self, size: int) -> bool:
+        """Whether evicting every model it need not keep would make room for `size`."""
+        return self.worker.memory_budget - self.pinned >= size
+
+    def models_in_use(self) -> set[str]:
+        """Models it must keep: running there, or with requests planned there."""
+        return set(self.pins)
 
 
 class Scheduler(ABC):
-    """What the broker needs from a scheduler. No I/O; the broker sends the actions."""
+    """What the broker calls; see the module docstring for the contract."""
+
+    failed: list[tuple[PendingRequest, MTError]]  # given up on, for the broker to answer
+    predictor: Predictor
+    counters: Counter[str]
 
     @abstractmethod
-    def add_request(self, request: PendingRequest, now: float) -> None:
-        """Queue a request, or raise DeadlineUnmeetable/Overloaded to reject it at once."""
+    def add_request(self, request: PendingRequest, now: float) -> None: ...
 
     @abstractmethod
-    def add_worker(self, worker: WorkerState) -> None: ...
+    def cancel(self, request: PendingRequest) -> None: ...
 
     @abstractmethod
-    def on_result(self, action: Action, ok: bool, now: float, evicted: list[str]) -> None:
-        """An action finished on its worker (the broker removed it from `inflight`)."""
+    def add_worker(self, worker: WorkerState, now: float) -> None: ...
 
     @abstractmethod
-    def schedule(self, now: float) -> list[Action]:
-        """Actions to send now, in order per worker. Failed requests go to `failed`."""
+    def remove_worker(self, worker: WorkerState, now: float) -> list[Action]:
+        """Forget a worker; return the actions it had not answered (requests handled)."""
 
     @abstractmethod
-    def expire(self, now: float) -> list[PendingRequest]:
-        """Remove and return queued requests whose deadline can no longer be met."""
+    def on_result(self, action: Action, result: wire.Result | None, now: float) -> bool: ...
 
     @abstractmethod
-    def on_worker_lost(self, worker: WorkerState) -> list[PendingRequest]:
-        """Forget a worker; return the requests it was running (to retry or fail)."""
+    def schedule(self, now: float) -> list[Action]: ...
+
+    @abstractmethod
+    def next_wakeup(self, now: float) -> float: ...
+
+    @abstractmethod
+    def place_profile(
+        self, sha256: str, context: Any, worker: WorkerState | None = None
+    ) -> Action | None:
+        """A PROFILE action on `worker`, else the least busy one (None: no worker)."""
 
     @abstractmethod
     def drop_model(self, sha256: str) -> list[PendingRequest]:
         """Remove and return the queued requests of a model that is going away."""
 
     @abstractmethod
-    def queued(self) -> int: ...
+    def forget_model(self, sha256: str) -> list[Action]:
+        """UNLOADs that drop a deleted model from every worker, both tiers."""
 
     @abstractmethod
     def has_work(self, sha256: str) -> bool:
         """True while requests of that model are queued or running."""
 
-    failed: list[tuple[PendingRequest, Exception]]  # requests `schedule` gave up on
+    @abstractmethod
+    def seed(self, record: ModelRecord) -> None:
+        """A model was published (or found at start): start its predictions."""
+
+    @abstractmethod
+    def queued(self) -> int: ...
+
+    @abstractmethod
+    def describe(self, worker: WorkerState) -> dict[str, Any]:
+        """Counts for STATUS (never model names: tenants must not see others' models)."""
 
 
-class FifoLruScheduler(Scheduler):
-    """Baseline: FIFO per model, oldest head first, LRU eviction, greedy batching."""
+class QueueScheduler(Scheduler):
+    """Per-model queues, worker plans, results, retries and placement mechanics."""
 
-    def __init__(self, max_queue: int, alive: Callable[[int], bool]) -> None:
+    def __init__(self, max_queue: int, predictor: Predictor | None = None) -> None:
         self.max_queue = max_queue  # total queued requests before OVERLOADED
-        self.alive = alive  # is a request still waiting for its answer?
-        self.queues: dict[str, deque[PendingRequest]] = {}  # sha -> FIFO of requests
-        self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
+        self.predictor = predictor or Predictor(headroom=PLANNING_HEADROOM)
+        self.queues: dict[str, deque[PendingRequest]] = {}  # key -> queued (may hold dead ones)
+        self._keys: dict[str, set[str]] = {}  # sha -> keys of its queues
+        self._key_sha: dict[str, str] = {}  # key -> sha
+        self.plans: dict[bytes, WorkerPlan] = {}  # wid -> plan
         self.failed = []
-        self.with_deadlines: set[str] = set()  # queues that may hold a finite deadline
-        self._queued = 0
+        self.counters = Counter()  # loads, evictions, retries, loads_from_<tier>, ...
+        self._queued = 0  # live requests across the queues
+        self._order: list[tuple[Any, ...]] = []  # heap of (key, seq, sha, rid): queue heads
+        self._seq = itertools.count()  # heap tie-breaker
 
-    # -- requests --------------------------------------------------------------
+    # -- policy hooks ----------------------------------------------------------------
+
+    def admit(self, request: PendingRequest, now: float) -> None:
+        """Raise DeadlineUnmeetable to refuse a request at once; accept by default."""
+
+    def enqueue(self, queue: deque[PendingRequest], request: PendingRequest) -> None:
+        """Where a new request joins its model's queue: at the back (FIFO)."""
+        queue.append(request)
+
+    def queue_key(self, request: PendingRequest) -> str:
+        """Which queue a request joins: one per model."""
+        return request.model.sha256
+
+    def head_key(self, head: PendingRequest) -> Any:
+        """The order in which queue heads are served: by arrival (FIFO)."""
+        return head.arrival
+
+    def on_enqueued(self, request: PendingRequest, now: float) -> None:
+        """A request joined a queue (the predictive scheduler indexes it)."""
+
+    def on_unqueued(self, request: PendingRequest) -> None:
+        """A request left its queue: taken, expired, cancelled or dropped."""
+
+    def after_result(self, plan: WorkerPlan, action: Action, now: float, replan: bool) -> None:
+        """A worker answered (its plan is up to date); `replan`: the model's prediction
+        rose or drifted."""
+
+    # -- requests --------------------------------------------------------------------
 
     def add_request(self, request: PendingRequest, now: float) -> None:
         if self._queued >= self.max_queue:
             raise Overloaded(f"{self._queued} requests queued; retry later")
-        if request.deadline != math.inf:
-            self.admit(request, now)
-        queue = self.queues.setdefault(request.model.sha256, deque())
+        self.admit(request, now)
+        key = request.key = self.queue_key(request)
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = deque()
+            sha = request.model.sha256
+            self._keys.setdefault(sha, set()).add(key)
+            self._key_sha[key] = sha
         if request.retries:
             queue.appendleft(request)  # a retry is older than what queued behind it
         else:
             self.enqueue(queue, request)
+        request.queued = True
         self._queued += 1
-        if request.deadline != math.inf:
-            self.with_deadlines.add(request.model.sha256)
+        self.on_enqueued(request, now)
+        if queue[0] is request:
+            self._push_head(key, request)
+
+    def cancel(self, request: PendingRequest) -> None:
+        if request.queued:
+            self._drop(request)
+
+    def _drop(self, request: PendingRequest) -> None:
+        """Take a request out of its queue from anywhere in it, keeping its head indexed."""
+        queue = self.queues.get(request.key)
+        was_head = bool(queue) and queue[0] is request
+        self._unqueue(request)
+        if was_head:
+            self._push_head(request.key)
+
+    def _unqueue(self, request: PendingRequest) -> None:
+        request.queued = False
+        self._queued -= 1
+        self.on_unqueued(request)
+
+    def _head(self, key: str) -> PendingRequest | None:
+        """The first live request of a queue (dead entries are dropped here)."""
+        queue = self.queues.get(key)
+        while queue and not queue[0].queued:
+            queue.popleft()
+        if not queue:
+            self._remove_queue(key)
+            return None
+        return queue[0]
+
+    def _remove_queue(self, key: str) -> list[PendingRequest]:
+        """Drop a queue; its live requests."""
+        queue = self.queues.pop(key, None)
+        sha = self._key_sha.pop(key, None)
+        if sha is not None:
+            keys = self._keys[sha]
+            keys.discard(key)
+            if not keys:
+                del self._keys[sha]
+        return [r for r in queue or () if r.queued]
+
+    def _push_head(self, key: str, head: PendingRequest | None = None) -> None:
+        """Index a queue's (new) head; entries for former heads are dropped when popped."""
+        head = head or self._head(key)
+        if head is not None:
+            heapq.heappush(self._order, (self.head_key(head), next(self._seq), key, head.rid))
+
+    def _pop_head(self) -> tuple[tuple[Any, ...], str, PendingRequest] | None:
+        """The first live queue head in `head_key` order (stale entries are dropped)."""
+        while self._order:
+            entry = heapq.heappop(self._order)
+            head = self._head(entry[2])
+            if head is not None and head.rid == entry[3]:
+                return entry, entry[2], head
+        return None
+
+    def _fail(self, request: PendingRequest, error: MTError) -> None:
+        if request.queued:
+            self._drop(request)
+        self.failed.append((request, error))
+
+    def queued(self) -> int:
+        return self._queued
+
+    def drop_model(self, sha256: str) -> list[PendingRequest]:
+        dropped = [r for key in list(self._keys.get(sha256, ())) for r in self._remove_queue(key)]
+        for request in dropped:
+            self._unqueue(request)
+        return dropped
+
+    def has_work(self, sha256: str) -> bool:
+        if any(self._head(key) is not None for key in list(self._keys.get(sha256, ()))):
+            return True
+        return any(sha256 in p.models_in_use() for p in self.plans.values())
+
+    def _retry_all(self, requests: list[PendingRequest], now: float, why: str) -> None:
+        """Retry requests in the order they were dispatched (each goes to its queue's front,
+        so the last goes first)."""
+        for request in reversed(requests):
+            self._retry(request, now, why)
+
+    def _retry(self, request: PendingRequest, now: float, why: str) -> None:
+        """Queue a request taken back from a worker once (if its deadline allows), else
+        answer WORKER_LOST."""
+        if request.answered:
+            return
+        if request.retries >= 1 or request.deadline <= now:
+            self.failed.append((request, WorkerLost(f"{why} while running this request")))
+            return
+        request.retries += 1
+        self.counters["retries"] += 1
+        try:
+            self.add_request(request, now)
+        except MTError as exc:
+            self.failed.append((request, exc))
+
+    # -- workers and models ----------------------------------------------------------
+
+    def add_worker(self, worker: WorkerState, now: float) -> None:
+        lanes = [now] * max(1, worker.lanes)
+        self.plans[worker.wid] = WorkerPlan(worker, lanes=lanes, loader_free=now)
+
+    def remove_worker(self, worker: WorkerState, now: float) -> list[Action]:
+        plan = self.plans.pop(worker.wid, None)
+        if plan is None:
+            return []
+        lost = list(plan.inflight.values())
+        self._retry_all(
+            [r for a in lost for r in a.requests], now, f"worker {worker.name} was lost"
+        )
+        return lost
+
+    def place_profile(
+        self, sha256: str, context: Any, worker: WorkerState | None = None
+    ) -> Action | None:
+        if worker is not None:
+            plan = self.plans.get(worker.wid)
+        else:
+            plan = min(self.plans.values(), key=lambda p: len(p.inflight), default=None)
+        if plan is None:
+            return None
+        action = Action(ActionKind.PROFILE, plan.worker, sha256, context=context)
+        plan.track(action)
+        return action
+
+    def forget_model(self, sha256: str) -> list[Action]:
+        self.predictor.forget(sha256)
+        actions = []
+        for plan in self.plans.values():
+            self._unload(plan, sha256)
+            actions.append(Action(ActionKind.UNLOAD, plan.worker, sha256, context="forget"))
+        return actions
+
+    def seed(self, record: ModelRecord) -> None:
+        """Start the predictor's windows from the upload profile: every run per batch
+        size, every host -> device build, and cold -> host preparation plus a build."""
+        m = record.measurements
+        kind = str(m.get("kind", "cpu"))
+        samples = m.get("samples") or {}
+        self.predictor.seed_exec(record.sha256, kind, {int(b): t for b, t in samples.items()})
+        builds = m.get("build_us") or []
+        builds = [float(b) for b in (builds if isinstance(builds, list) else [builds])]
+        if builds:
+            self.predictor.seed_load(record.sha256, kind, "host", builds)
+            prepare = float(m.get("prepare_us") or 0.0)
+            cold = [prepare + b for b in builds]
+            self.predictor.seed_load(record.sha256, kind, "cold", cold)
+
+    def describe(self, worker: WorkerState) -> dict[str, Any]:
+        plan = self.plans.get(worker.wid)
+        if plan is None:
+            return {}
+        return {
+            "memory_used": plan.memory_used(),
+            "models_live": len(plan.loaded),
+            "inflight_actions": len(plan.inflight),
+        }
+
+    # -- results ---------------------------------------------------------------------
+
+    def on_result(self, action: Action, result: wire.Result | None, now: float) -> bool:
+        plan = self.plans.get(action.worker.wid)
+        if plan is not None:
+            plan.untrack(action)
+        if result is None:  # never answered: the worker may have lost it with the model
+            if plan is not None and action.kind is ActionKind.LOAD:
+                self._unload(plan, action.sha256)
+            self._retry_all(action.requests, now, f"worker {action.worker.name} never answered")
+            if plan is not None:
+                self.after_result(plan, action, now, False)
+            return False
+        replan = self.learn(action, result)
+        answers = True
+        if plan is not None:
+            for sha in result.evicted:
+                self._unload(plan, sha)
+            if action.kind is ActionKind.LOAD and not result.ok:
+                self._unload(plan, action.sha256)
+            elif result.status is wire.ActionStatus.EXEC_MODEL_MISSING:
+                # The worker dropped the model (its own budget, a failed load): forget it
+                # there and give its requests another go rather than failing them.
+                self._unload(plan, action.sha256)
+            elif action.kind is ActionKind.INFER and action.sha256 in plan.loaded:
+                plan.loaded.move_to_end(action.sha256)
+            if action.kind is ActionKind.LOAD:
+                plan.ready.pop(action.sha256, None)
+            self.after_result(plan, action, now, replan)
+        if result.status is wire.ActionStatus.EXEC_MODEL_MISSING:
+            why = f"worker {action.worker.name} no longer held the model"
+            self._retry_all(action.requests, now, why)
+            answers = False
+        if isinstance(result, wire.LoadModelResult) and result.ok:
+            self.counters[f"loads_from_{result.tier or 'unknown'}"] += 1
+        return answers
+
+    def learn(self, action: Action, result: wire.Result) -> bool:
+        """Feed a measured duration to the predictor. True when plans made with the old
+        prediction may no longer hold: the run took longer than predicted, or the
+        predictor detected a drift (and dropped its older samples)."""
+        kind = action.worker.kind
+        sha = action.sha256
+        if isinstance(result, wire.InferResult) and result.ok and action.requests:
+            rows = sum(r.batch for r in action.requests)
+            before = self.predictor.exec_us(sha, kind, rows)
+            measured = result.timing.exec
+            drift = self.predictor.observe_exec(sha, kind, rows, measured)
+            return drift or (before is not None and measured > before)
+        if isinstance(result, wire.LoadModelResult) and result.ok and result.tier != "device":
+            return self.predictor.observe_load(sha, kind, result.tier, action.size,
+                                               result.timing.load)  # fmt: skip
+        return False
+
+    # -- placement -------------------------------------------------------------------
+
+    def _unload(self, plan: WorkerPlan, sha: str) -> None:
+        """Forget that a worker holds a model (evicted, failed, or told to drop it)."""
+        plan.drop(sha)
+        plan.ready.pop(sha, None)
+        plan.last_used.pop(sha, None)
+
+    def _evictions(self, plan: WorkerPlan, need: int) -> list[str] | None:
+        """Least-recently-used models with no work on this worker that free `need` bytes;
+        models with queued requests go last. None when even that is not enough."""
+        free = plan.worker.memory_budget - plan.memory_used()
+        if free >= need:
+            return []
+        if not plan.can_fit(need):
+            return None
+        in_use = plan.models_in_use()
+        idle = [s for s in plan.loaded if s not in in_use]
+        idle.sort(key=lambda s: s in self._keys)  # stable: LRU order within each group
+        victims = []
+        for sha in idle:
+            victims.append(sha)
+            free += plan.loaded[sha]
+            if free >= need:
+                return victims
+        return None
+
+    def _place(
+        self, plan: WorkerPlan, model: ModelRecord, batch: list[PendingRequest], now: float
+    ) -> list[Action]:
+        """UNLOADs and a LOAD if the model is not on the worker, then the INFER."""
+        sha = model.sha256
+        actions = [] if sha in plan.loaded else self._load(plan, model, now)
+        plan.loaded.move_to_end(sha)
+        plan.last_used[sha] = now
+        for request in batch:
+            request.dispatched = now
+        latest = min(r.deadline for r in batch)
+        infer = Action(ActionKind.INFER, plan.worker, sha, batch, latest=latest)
+        us = self.predictor.exec_us(sha, plan.worker.kind, sum(r.batch for r in batch))
+        infer.expected_duration = (us or 0.0) / 1e6  # the predictive scheduler refines it
+        plan.track(infer)
+        actions.append(infer)
+        return actions
+
+    def _load(self, plan: WorkerPlan, model: ModelRecord, now: float) -> list[Action]:
+        """The UNLOADs that make room for a model on a worker, then its LOAD."""
+        actions: list[Action] = []
+        for victim in self._evictions(plan, model.size) or ():
+            self._unload(plan, victim)
+            actions.append(Action(ActionKind.UNLOAD, plan.worker, victim))
+            self.counters["evictions"] += 1
+        plan.hold(model.sha256, model.size)
+        load = Action(ActionKind.LOAD, plan.worker, model.sha256, size=model.size)
+        plan.track(load)
+        actions.append(load)
+        self.counters["loads"] += 1
+        return actions
+
+    def _too_large(self, model: ModelRecord) -> LoadFailed | None:
+        """The error for a model no worker could ever hold (None when one could)."""
+        if not self.plans:
+            return None
+        largest = max(p.worker.memory_budget for p in self.plans.values())
+        if largest >= model.size:
+            return None
+        return LoadFailed(
+            f"model '{model.name}' ({model.size} bytes) is larger than every worker's "
+            f"memory budget (largest {largest})"
+        )
+
+
+class FifoLruScheduler(QueueScheduler):
+    """Baseline: FIFO per model, oldest head first, LRU eviction, greedy batching."""
+
+    def __init__(self, max_queue: int, predictor: Predictor | None = None) -> None:
+        super().__init__(max_queue, predictor)
+        self.with_deadlines: set[str] = set()  # queues that may hold a finite deadline
+        self._next_expiry = 0.0  # when the next scan for expired requests is due
 
     def admit(self, request: PendingRequest, now: float) -> None:
-        """Raise DeadlineUnmeetable if the request's own run already misses its deadline."""
+        """Refuse only a request whose own run, alone, already misses its deadline."""
+        if request.deadline == math.inf:
+            return
+        self.with_deadlines.add(request.model.sha256)
         exec_us = request.model.predicted_us(request.batch)
         if exec_us and now + exec_us / 1e6 > request.deadline:
             budget_ms = (request.deadline - now) * 1e3
@@ -99,196 +548,110 @@ class FifoLruScheduler(Scheduler):
                 f"{request.batch} row(s); the deadline leaves {budget_ms:.1f} ms"
             )
 
-    def enqueue(self, queue: deque[PendingRequest], request: PendingRequest) -> None:
-        """Where a new request joins its model's queue: at the back (FIFO)."""
-        queue.append(request)
-
-    def queued(self) -> int:
-        return self._queued
-
-    def has_work(self, sha256: str) -> bool:
-        if self.queues.get(sha256):
-            return True
-        return any(sha256 in w.models_in_use() for w in self.workers.values())
-
-    def expire(self, now: float) -> list[PendingRequest]:
-        expired = []
-        for sha, queue in self.queues.items():
-            if sha not in self.with_deadlines:
-                continue  # nothing in it can expire; answered ones are skipped at take time
-            keep = deque()
-            for request in queue:
-                if not self.alive(request.rid):
-                    self._queued -= 1
-                elif self.cannot_finish(request, now):
-                    expired.append(request)
-                    self._queued -= 1
-                else:
-                    keep.append(request)
-            queue.clear()
-            queue.extend(keep)
-        self._drop_empty_queues()
-        return expired
-
-    def cannot_finish(self, request: PendingRequest, now: float) -> bool:
-        """Whether a queued request can no longer be answered in time: its deadline passed."""
-        return request.deadline < now
-
-    def drop_model(self, sha256: str) -> list[PendingRequest]:
-        dropped = list(self.queues.pop(sha256, ()))
-        self._queued -= len(dropped)
-        return dropped
-
-    # -- workers ---------------------------------------------------------------
-
-    def add_worker(self, worker: WorkerState) -> None:
-        self.workers[worker.wid] = worker
-
-    def on_worker_lost(self, worker: WorkerState) -> list[PendingRequest]:
-        self.workers.pop(worker.wid, None)
-        return [r for a in worker.inflight.values() for r in a.requests]
-
-    def on_result(self, action: Action, ok: bool, now: float, evicted: list[str]) -> None:
-        worker = action.worker
-        for sha in evicted:
-            worker.loaded.pop(sha, None)
-        if action.kind is ActionKind.LOAD and not ok:
-            worker.loaded.pop(action.sha256, None)
-        elif action.kind is ActionKind.INFER and action.sha256 in worker.loaded:
-            worker.loaded.move_to_end(action.sha256)
-
-    # -- scheduling ------------------------------------------------------------
+    def next_wakeup(self, now: float) -> float:
+        return self._next_expiry if self.with_deadlines else math.inf
 
     def schedule(self, now: float) -> list[Action]:
+        if now >= self._next_expiry:
+            self._expire(now)
+            self._next_expiry = now + EXPIRE_PERIOD
         actions: list[Action] = []
-        waiting: set[str] = set()  # models that no worker can take this turn
+        waiting: list[tuple[Any, ...]] = []  # heads no worker can take this turn
         while self._has_free_worker():
-            sha = self._oldest_queue(skip=waiting)
-            if sha is None:
+            popped = self._pop_head()
+            if popped is None:
                 break
-            model = self.queues[sha][0].model
-            if self.workers and not any(
-                w.memory_budget >= model.size for w in self.workers.values()
-            ):
-                self._fail_queue(sha, LoadFailed(
-                    f"model '{model.name}' ({model.size} bytes) is larger than every worker's "
-                    f"memory budget (largest {max(w.memory_budget for w in self.workers.values())})"
-                ))  # fmt: skip
+            entry, sha, head = popped
+            model = head.model
+            too_large = self._too_large(model)
+            if too_large is not None:
+                for request in self.drop_model(sha):
+                    self.failed.append((request, too_large))
                 continue
-            worker = self._pick_worker(sha, model.size)
-            if worker is None:
-                waiting.add(sha)
+            plan = self._pick_worker(sha, model.size)
+            if plan is None:
+                waiting.append(entry)
                 continue
-            batch = self._take_batch(self.queues[sha], now)
-            if batch:
-                actions.extend(self._place(worker, sha, batch))
-            self._drop_empty_queues()
+            batch = self._take_batch(sha)
+            actions.extend(self._place(plan, model, batch, now))
+            self._push_head(sha)
+        for entry in waiting:
+            heapq.heappush(self._order, entry)
         return actions
 
-    def _has_free_worker(self) -> bool:
-        return any(w.busy_infers() < PIPELINE_DEPTH for w in self.workers.values())
-
-    def _fail_queue(self, sha: str, error: Exception) -> None:
-        for request in self.drop_model(sha):
-            self.failed.append((request, error))
-
-    def _oldest_queue(self, skip: set[str]) -> str | None:
-        """Model whose head request arrived first, among those with live requests."""
-        best, best_arrival = None, math.inf
-        for sha, queue in self.queues.items():
-            if sha in skip:
+    def _expire(self, now: float) -> None:
+        for sha in list(self.with_deadlines):
+            queue = self.queues.get(sha)
+            if queue is None:
+                self.with_deadlines.discard(sha)
                 continue
-            while queue and not self.alive(queue[0].rid):
-                queue.popleft()
-                self._queued -= 1
-            if queue and queue[0].arrival < best_arrival:
-                best, best_arrival = sha, queue[0].arrival
-        return best
+            head = queue[0]
+            keep: deque[PendingRequest] = deque()
+            for request in queue:
+                if not request.queued:
+                    continue
+                if request.deadline < now:
+                    waited_ms = (now - request.arrival) * 1e3
+                    self._unqueue(request)  # the queue is rebuilt, and its head indexed, below
+                    self.failed.append((request, DeadlineExpired(
+                        f"deadline passed after {waited_ms:.1f} ms queued")))  # fmt: skip
+                else:
+                    keep.append(request)
+            if keep:
+                self.queues[sha] = keep
+                if keep[0] is not head:
+                    self._push_head(sha)
+            else:
+                self._remove_queue(sha)
+                self.with_deadlines.discard(sha)
 
-    def _pick_worker(self, sha: str, size: int) -> WorkerState | None:
+    def _has_free_worker(self) -> bool:
+        return any(len(p.running) < PIPELINE_DEPTH for p in self.plans.values())
+
+    def _pick_worker(self, sha: str, size: int) -> WorkerPlan | None:
         """A worker with a free slot: one holding the model, else the emptiest it fits on now."""
-        free = [w for w in self.workers.values() if w.busy_infers() < PIPELINE_DEPTH]
-        holding = [w for w in free if sha in w.loaded]
+        free = [p for p in self.plans.values() if p.busy_infers() < PIPELINE_DEPTH]
+        holding = [p for p in free if sha in p.loaded]
         if holding:
-            return min(holding, key=lambda w: w.busy_infers())
-        fits = [w for w in free if self._evictions(w, size) is not None]
-        return min(fits, key=lambda w: (w.busy_infers(), w.memory_used()), default=None)
+            return min(holding, key=lambda p: p.busy_infers())
+        fits = [p for p in free if self._evictions(p, size) is not None]
+        return min(fits, key=lambda p: (p.busy_infers(), p.memory_used()), default=None)
 
-    def _take_batch(self, queue: deque[PendingRequest], now: float) -> list[PendingRequest]:
+    def _take_batch(self, sha: str) -> list[PendingRequest]:
         """Head request plus followers that stack with it, up to the model's batch cap."""
+        queue = self.queues[sha]
         head = queue.popleft()
-        self._queued -= 1
+        self._unqueue(head)
         batch, rows = [head], head.batch
         cap = head.model.max_batch
         key = head.stack_key
         while queue and head.model.batchable:
             nxt = queue[0]
-            if not self.alive(nxt.rid):
+            if not nxt.queued:
                 queue.popleft()
-                self._queued -= 1
                 continue
             # Same bytes uploaded by two tenants share a queue but never a batch: each
             # tenant's batch cap holds, and no tenant's rows meet another's.
             if nxt.model is not head.model or nxt.stack_key != key or rows + nxt.batch > cap:
                 break
             batch.append(queue.popleft())
-            self._queued -= 1
+            self._unqueue(nxt)
             rows += nxt.batch
-        for request in batch:
-            request.dispatched = now
+        self._head(sha)
         return batch
 
-    def _place(self, worker: WorkerState, sha: str, batch: list[PendingRequest]) -> list[Action]:
-        """UNLOADs and a LOAD if the model is not on the worker, then the INFER."""
-        actions: list[Action] = []
-        model = batch[0].model
-        if sha not in worker.loaded:
-            for victim in self._evictions(worker, model.size) or ():
-                worker.loaded.pop(victim)
-                actions.append(Action(ActionKind.UNLOAD, worker, victim))
-            worker.loaded[sha] = model.size
-            load = Action(ActionKind.LOAD, worker, sha)
-            worker.inflight[load.id] = load
-            actions.append(load)
-        worker.loaded.move_to_end(sha)
-        latest = min(r.deadline for r in batch)
-        infer = Action(ActionKind.INFER, worker, sha, batch, latest=latest)
-        worker.inflight[infer.id] = infer
-        actions.append(infer)
-        return actions
 
-    def _evictions(self, worker: WorkerState, need: int) -> list[str] | None:
-        """Least-recently-used models with no work on this worker that free `need` bytes."""
-        free = worker.memory_budget - worker.memory_used()
-        if free >= need:
-            return []
-        in_use = worker.models_in_use()
-        victims = []
-        for sha, size in worker.loaded.items():
-            if sha in in_use:
-                continue
-            victims.append(sha)
-            free += size
-            if free >= need:
-                return victims
-        return None
-
-    def _drop_empty_queues(self) -> None:
-        for sha in [s for s, q in self.queues.items() if not q]:
-            del self.queues[sha]
-            self.with_deadlines.discard(sha)
-
-
-SCHEDULERS = ("fifo", "predictive")
+SCHEDULERS = ("predictive", "fifo")
+OBJECTIVES = ("deadline", "latency")
 
 
 def make_scheduler(
-    name: str, max_queue: int, alive: Callable[[int], bool], predictor: Predictor | None = None
+    name: str, max_queue: int, predictor: Predictor | None = None, objective: str = "deadline"
 ) -> Scheduler:
     if name == "fifo":
-        return FifoLruScheduler(max_queue, alive)
+        return FifoLruScheduler(max_queue, predictor)
     if name == "predictive":
         from broker.predictive import PredictiveScheduler
 
-        return PredictiveScheduler(max_queue, alive, predictor or Predictor())
+        return PredictiveScheduler(max_queue, predictor, objective=objective)
     raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")

@@ -1,7 +1,10 @@
-"""What the controller knows: requests waiting, workers, and the actions sent to them.
+"""The records the broker and the scheduler pass each other: requests, actions, workers.
 
-Plain records shared by the broker and the schedulers. The broker owns the sockets;
-schedulers read and update these records and return actions, never touching I/O.
+Each field has one writer. The broker creates a `PendingRequest` at the frontend and a
+`WorkerState` when a worker registers, and keeps them up to date from the wire (last
+seen, tiers); the scheduler creates every `Action` and keeps, in its own records
+(`broker.scheduler.WorkerPlan`), what each worker holds, runs and will be free: the
+broker never reads or writes those.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -40,6 +42,15 @@ class PendingRequest:
     retries: int = 0  # times re-queued after a lost worker
     nbytes: int = 0  # input payload bytes held until answered
     wire_inputs: list[Any] = field(default_factory=list)  # `inputs` as sent to workers
+    answered: bool = False  # its one answer was sent (the broker sets it; nothing reruns it)
+    # Scheduler-owned from here on.
+    queued: bool = False  # in a scheduler queue (cleared when taken, expired or cancelled)
+    key: str = ""  # which queue: its model's (FIFO), its model's on its planned worker
+    latest_start: float = math.inf  # deadline minus its predicted run: start by then
+    cost: float = 0.0  # seconds of exec it adds to its planned worker's ledger
+    plan: bytes = b""  # the worker admission planned it on (b"": none)
+    order_key: float = math.inf  # when earliest-deadline-first order reaches it
+    booked: bool = False  # its cost is in its planned worker's ledger
 
     @property
     def stack_key(self) -> tuple[Any, ...]:
@@ -62,7 +73,9 @@ class Action:
     worker: WorkerState
     sha256: str
     requests: list[PendingRequest] = field(default_factory=list)  # INFER only
+    size: int = 0  # the model's bytes (LOAD, for the predictor's bandwidth)
     expected_duration: float = 0.0  # seconds, from the predictor (0 when unknown)
+    start: float = 0.0  # monotonic time the scheduler planned it to start (0: unplanned)
     latest: float = math.inf  # monotonic time by which it must start (inf: no limit)
     sent: float = 0.0  # monotonic, set at dispatch
     id: int = field(default_factory=lambda: next(_action_ids))
@@ -71,37 +84,31 @@ class Action:
 
 @dataclass(eq=False)
 class WorkerState:
-    """The controller's view of one connected worker."""
+    """The broker's record of one connected worker: membership and what it reports."""
 
     wid: bytes  # ROUTER routing id
     name: str
     kind: str  # "cpu" (ONNX Runtime) or "gpu" (TensorRT)
     memory_budget: int  # bytes of live models it may hold
     last_seen: float  # monotonic time of its last message
-    loaded: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sha -> bytes, LRU first
-    inflight: dict[int, Action] = field(default_factory=dict)  # id -> action awaiting result
+    lanes: int = 1  # exec executors: batches it runs at once
     last_sent: float = 0.0  # monotonic time of our last message to it
     incarnation: str = ""  # the worker process's token, the same across its reconnects
     tiers: TierReport | None = None  # its tiers as of its latest result or heartbeat
+    host_models: frozenset[str] = frozenset()  # `tiers.host_models`, as a set
     restarts: int = 0  # executor threads it found dead and replaced
 
-    def memory_used(self) -> int:
-        return sum(self.loaded.values())
-
-    def busy_infers(self) -> int:
-        return sum(a.kind is ActionKind.INFER for a in self.inflight.values())
-
-    def models_in_use(self) -> set[str]:
-        return {a.sha256 for a in self.inflight.values()}
+    def report(self, tiers: TierReport) -> None:
+        """A tier report arrived (with a result or a heartbeat)."""
+        self.tiers = tiers
+        self.host_models = frozenset(tiers.host_models)
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "kind": self.kind,
             "memory_budget": self.memory_budget,
-            "memory_used": self.memory_used(),
-            "models_live": len(self.loaded),  # counts only: tenants must not see others' models
-            "inflight_actions": len(self.inflight),
+            "exec_lanes": self.lanes,
             "host_models": len(self.tiers.host_models) if self.tiers else 0,
             "host_free": self.tiers.host_free if self.tiers else 0,
             "executor_restarts": self.restarts,

@@ -51,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--host-memory-mb", type=int, default=4096, help="host tier per worker: weights in pages"
     )
+    add_scheduler_arguments(up)
     up.set_defaults(run=cmd_up)
 
     b = sub.add_parser("broker", help="run the broker (frontend + controller + backend)")
@@ -65,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--max-pending-mb", type=int, default=2048, help="input bytes held, all tenants")
     b.add_argument("--profile-batches", default="1,2,4,8,16,32")
-    b.add_argument("--scheduler", choices=("fifo", "predictive"), default="fifo")
+    add_scheduler_arguments(b)
     b.add_argument(
         "--spin-us",
         type=int,
@@ -127,6 +128,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
+    from broker.scheduler import OBJECTIVES, SCHEDULERS
+
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="predictive",
+        help="predictive: plans with predicted durations (default); fifo: the baseline",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="deadline",
+        help="predictive: most requests within deadline (default), or the lowest mean"
+        " latency across requests without a deadline",
+    )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from mtcore.cluster import LocalCluster
 
@@ -136,6 +155,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         memory_mb=args.memory_mb,
         host_memory_mb=args.host_memory_mb,
+        broker_args=["--scheduler", args.scheduler, "--objective", args.objective],
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with cluster:
@@ -190,6 +210,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         heartbeat_liveness=args.heartbeat_liveness,
         action_timeout=args.action_timeout,
         scheduler=args.scheduler,
+        objective=args.objective,
         limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
         spin_us=args.spin_us,

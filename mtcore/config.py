@@ -33,7 +33,8 @@ class BrokerConfig:
     answer_grace: float = 30.0  # an answer this late past its deadline is given up as INTERNAL
     action_timeout: float = 300.0  # an action a worker never answers is given up after this
     max_request_time: float = 600.0  # the same for a request without a deadline
-    scheduler: str = "fifo"  # scheduler implementation (see broker.scheduler.make_scheduler)
+    scheduler: str = "predictive"  # scheduler implementation (broker.scheduler.make_scheduler)
+    objective: str = "deadline"  # predictive: most requests within deadline, or "latency"
     profile_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # measured at upload, <= max_batch
     spin_us: int = 0  # busy-poll this long after each message before sleeping (latency vs CPU)
 

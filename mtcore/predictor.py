@@ -9,6 +9,11 @@ samples. Loads are predicted the same way per (model, kind, tier); a model with 
 measured yet gets its bytes over the bandwidth measured for other models of that kind
 and tier (the slowest seen, again conservative).
 
+The controller plans with `headroom` on top (PLANNING_HEADROOM, 10%): the maximum of ten
+samples is exceeded by about one run in eleven, however steady the runs; a tenth more
+covers the run-to-run spread measured here (a few percent on an idle core) so that plans
+hold for nearly every action, at the price of a tenth of a batch of slack.
+
 Drift: when the newest samples of a window all lie outside the band the older ones set
 (a slower neighbour, a throttled CPU, a changed machine), the older samples are dropped,
 so the prediction follows the new regime at once instead of after a whole window.
@@ -24,6 +29,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+PLANNING_HEADROOM = 1.15  # the scheduler's predictor: estimates 15% above the percentile
 Key = tuple[str, str, int]  # (model sha256, worker kind, batch size)
 LoadKey = tuple[str, str, str]  # (model sha256, worker kind, tier: "host" or "cold")
 
@@ -41,9 +47,11 @@ class Window:
 
     size: int
     samples: deque[float] = field(default_factory=deque)
+    _estimates: dict[float, float] = field(default_factory=dict)  # q -> percentile, until add
 
     def add(self, value: float, drift_ratio: float, drift_samples: int) -> bool:
         """Add a sample; True when it completed a drift and the older samples were dropped."""
+        self._estimates.clear()
         self.samples.append(value)
         while len(self.samples) > self.size:
             self.samples.popleft()
@@ -61,7 +69,14 @@ class Window:
         return False
 
     def estimate(self, q: float) -> float | None:
-        return percentile(list(self.samples), q) if self.samples else None
+        """The q-th percentile of the window, cached until the next sample (the scheduler
+        asks for it several times per request)."""
+        if not self.samples:
+            return None
+        cached = self._estimates.get(q)
+        if cached is None:
+            cached = self._estimates[q] = percentile(list(self.samples), q)
+        return cached
 
 
 @dataclass
@@ -72,6 +87,8 @@ class Predictor:
     quantile: float = 99.0  # the percentile predicted
     drift_ratio: float = 1.5  # a sample this far outside the older ones' range is off
     drift_samples: int = 3  # this many in a row is a drift
+    headroom: float = 1.0  # estimates are the percentile times this (planning margin)
+    min_samples: int = 5  # a batch size's window predicts alone from this many samples on
     exec_windows: dict[Key, Window] = field(default_factory=dict)
     # (model, kind) -> batch sizes with a window, sorted: the fallback's lookup, O(sizes)
     _sizes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
@@ -87,6 +104,7 @@ class Predictor:
         """Start windows from an upload profile (every run per batch size)."""
         for batch, times in samples.items():
             window = self._exec_window(model, kind, batch)
+            window._estimates.clear()
             for us in times[-self.window :]:
                 window.samples.append(float(us))
             while len(window.samples) > self.window:
@@ -95,22 +113,37 @@ class Predictor:
     def exec_us(self, model: str, kind: str, batch: int) -> float | None:
         """Predicted exec time of `batch` rows; None when nothing is known of the model.
 
-        A batch size with no window takes the smallest measured size above it; beyond
+        A batch size with no window (or fewer than `min_samples` in it, e.g. a size
+        first seen at run time) takes the smallest well-measured size above it; beyond
         the largest, that one's time scaled linearly (batches grow about linearly on a
         busy CPU, less than linearly on a GPU: conservative either way).
         """
         window = self.exec_windows.get((model, kind, batch))
-        if window is not None and window.samples:
-            return window.estimate(self.quantile)
+        own = window.estimate(self.quantile) if window is not None else None
+        if own is not None and len(window.samples) >= self.min_samples:
+            return own * self.headroom
+        fallback = self._other_sizes(model, kind, batch)
+        if own is None or fallback is None:
+            best = own if fallback is None else fallback
+        else:
+            best = max(own, fallback)  # a thin window: the larger of it and its neighbour
+        return None if best is None else best * self.headroom
+
+    def _other_sizes(self, model: str, kind: str, batch: int) -> float | None:
+        """The estimate from other batch sizes: the smallest (well-measured, if any)
+        size above `batch`, else the largest scaled linearly."""
+        windows = self.exec_windows
         sizes = [b for b in self._sizes.get((model, kind), ())
-                 if self.exec_windows[(model, kind, b)].samples]  # fmt: skip
+                 if b != batch and windows[(model, kind, b)].samples]  # fmt: skip
+        thick = [b for b in sizes if len(windows[(model, kind, b)].samples) >= self.min_samples]
+        sizes = thick or sizes
         if not sizes:
             return None
         above = [b for b in sizes if b >= batch]
         if above:
-            return self.exec_windows[(model, kind, above[0])].estimate(self.quantile)
+            return windows[(model, kind, above[0])].estimate(self.quantile)
         largest = sizes[-1]
-        estimate = self.exec_windows[(model, kind, largest)].estimate(self.quantile)
+        estimate = windows[(model, kind, largest)].estimate(self.quantile)
         return None if estimate is None else estimate * batch / largest
 
     def observe_exec(self, model: str, kind: str, batch: int, us: float) -> bool:
@@ -132,11 +165,20 @@ class Predictor:
         """Predicted time to make a model runnable from `tier` ("host" or "cold")."""
         window = self.load_windows.get((model, kind, tier))
         if window is not None and window.samples:
-            return window.estimate(self.quantile)
+            return window.estimate(self.quantile) * self.headroom
         rates = self.bandwidth.get((kind, tier))
         if rates is None or not rates.samples:
             return None
-        return nbytes / min(rates.samples)
+        return nbytes / min(rates.samples) * self.headroom
+
+    def seed_load(self, model: str, kind: str, tier: str, samples: list[float]) -> None:
+        """Start a load window from the upload profile's measured builds."""
+        window = self.load_windows.setdefault((model, kind, tier), Window(self.window))
+        window._estimates.clear()
+        for us in samples[-self.window :]:
+            window.samples.append(float(us))
+        while len(window.samples) > self.window:
+            window.samples.popleft()
 
     def observe_load(self, model: str, kind: str, tier: str, nbytes: int, us: float) -> bool:
         self._score(self.load_us(model, kind, tier, nbytes), us)

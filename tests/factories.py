@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Callable
 
 from broker.registry import ModelRecord
 from broker.scheduler import FifoLruScheduler
-from broker.state import PendingRequest, WorkerState
+from broker.state import Action, ActionKind, PendingRequest, WorkerState
+from mtcore import actions as wire
 from mtcore.protocol import TensorDesc
 
 _rids = itertools.count(1)  # request ids stay unique across calls within a test session
@@ -76,14 +76,38 @@ def make_requests(
     return requests
 
 
-def make_worker(name: str = "w0", budget: int = 10_000) -> WorkerState:
+def make_worker(name: str = "w0", budget: int = 10_000, lanes: int = 1) -> WorkerState:
     return WorkerState(
-        wid=name.encode(), name=name, kind="cpu", memory_budget=budget, last_seen=0.0
+        wid=name.encode(), name=name, kind="cpu", memory_budget=budget, last_seen=0.0, lanes=lanes
     )
 
 
-def make_scheduler(
-    alive: Callable[[int], bool] | None = None, max_queue: int = 1000
-) -> FifoLruScheduler:
-    """The baseline scheduler; every request is alive unless `alive` says otherwise."""
-    return FifoLruScheduler(max_queue, alive if alive is not None else (lambda rid: True))
+def make_scheduler(max_queue: int = 1000) -> FifoLruScheduler:
+    """The baseline scheduler."""
+    return FifoLruScheduler(max_queue)
+
+
+def make_result(
+    action: Action,
+    ok: bool = True,
+    *,
+    status: wire.ActionStatus | None = None,
+    exec_us: int = 0,
+    load_us: int = 0,
+    tier: str = "host",
+    evicted: tuple[str, ...] | list[str] = (),
+) -> wire.Result:
+    """The typed result a worker would send for `action` (OK, or LOAD/EXEC_FAILED)."""
+    if status is None:
+        failed = wire.ActionStatus.LOAD_INVALID if action.kind is ActionKind.LOAD else (
+            wire.ActionStatus.EXEC_FAILED)  # fmt: skip
+        status = wire.ActionStatus.OK if ok else failed
+    timing = wire.Timing(exec=exec_us, load=load_us)
+    common = {"action": action.id, "sha256": action.sha256, "status": status, "timing": timing,
+              "evicted": list(evicted)}  # fmt: skip
+    if action.kind is ActionKind.LOAD:
+        return wire.LoadModelResult(**common, tier=tier if status is wire.ActionStatus.OK else "")
+    if action.kind is ActionKind.INFER:
+        results = [wire.RequestResult(r.rid, 0, "", []) for r in action.requests]
+        return wire.InferResult(**common, results=results)
+    return wire.Result(**common)

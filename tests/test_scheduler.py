@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.scheduler import PIPELINE_DEPTH, FifoLruScheduler
+from broker.scheduler import EXPIRE_PERIOD, PIPELINE_DEPTH, FifoLruScheduler, WorkerPlan
 from broker.scheduler import make_scheduler as scheduler_named
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from mtcore.errors import DeadlineUnmeetable, LoadFailed, Overloaded, Status
-from tests.factories import make_model, make_requests, make_scheduler, make_worker
+from tests.factories import make_model, make_requests, make_result, make_scheduler, make_worker
 
 
 def add_all(sched: FifoLruScheduler, requests: list[PendingRequest], now: float = 0.0) -> None:
@@ -21,15 +21,27 @@ def add_all(sched: FifoLruScheduler, requests: list[PendingRequest], now: float 
 
 
 def finish(action: Action, sched: FifoLruScheduler, ok: bool = True, evicted=()) -> None:
-    """What the broker does with a result: pop the action from inflight, then on_result."""
-    assert action.worker.inflight.pop(action.id) is action
-    sched.on_result(action, ok, 0.0, list(evicted))
+    """A worker's typed result for an action the scheduler still has in flight."""
+    assert plan(sched, action.worker).inflight[action.id] is action
+    sched.on_result(action, make_result(action, ok, evicted=evicted), 0.0)
 
 
 def finish_all(actions: list[Action], sched: FifoLruScheduler) -> None:
     for action in actions:
-        if action.id in action.worker.inflight:
+        if action.id in plan(sched, action.worker).inflight:
             finish(action, sched)
+
+
+def plan(sched: FifoLruScheduler, worker: WorkerState) -> WorkerPlan:
+    return sched.plans[worker.wid]
+
+
+def expire(sched: FifoLruScheduler, now: float) -> list[PendingRequest]:
+    """Requests the scheduler answered as expired by `now` (one scan is due per period)."""
+    sched._next_expiry = 0.0
+    sched.schedule(now) if not sched.plans else sched._expire(now)
+    failed, sched.failed = sched.failed, []
+    return [r for r, e in failed if e.status is Status.DEADLINE_EXPIRED]
 
 
 def kinds(actions: list[Action]) -> list[tuple[ActionKind, str]]:
@@ -47,7 +59,7 @@ def rids(action: Action) -> list[int]:
 def setup(*workers: WorkerState, **kwargs) -> FifoLruScheduler:
     sched = make_scheduler(**kwargs)
     for worker in workers or (make_worker(),):
-        sched.add_worker(worker)
+        sched.add_worker(worker, 0.0)
     return sched
 
 
@@ -64,7 +76,7 @@ def test_factories() -> None:
     assert all(r.batch == 2 and r.deadline == 5.0 and r.arrival == 1.0 for r in reqs)
     assert reqs[0].inputs[0].shape == (2, 4) and len(reqs[0].frames[0]) == 32
     worker = make_worker("w1", budget=5)
-    assert worker.wid == b"w1" and worker.memory_budget == 5 and not worker.loaded
+    assert worker.wid == b"w1" and worker.memory_budget == 5
     assert make_scheduler().queued() == 0
 
 
@@ -77,7 +89,7 @@ def test_make_scheduler_by_name() -> None:
 def test_nothing_to_do() -> None:
     sched = setup()
     assert sched.schedule(0.0) == []
-    assert sched.expire(1e9) == []
+    assert expire(sched, 1e9) == []
     assert sched.failed == []
 
 
@@ -86,7 +98,7 @@ def test_no_worker_keeps_requests_queued() -> None:
     add_all(sched, make_requests(make_model(), 3))
     assert sched.schedule(0.0) == []
     assert sched.queued() == 3
-    sched.add_worker(make_worker())
+    sched.add_worker(make_worker(), 0.0)
     assert len(infers(sched.schedule(0.0))) == 1  # batchable: all three in one batch
     assert sched.queued() == 0
 
@@ -222,7 +234,10 @@ def test_load_precedes_first_infer_and_is_not_repeated() -> None:
         (ActionKind.INFER, model.sha256),
     ]
     assert all(a.worker is worker for a in first)
-    assert list(worker.loaded) == [model.sha256] and worker.memory_used() == model.size
+    assert (
+        list(plan(sched, worker).loaded) == [model.sha256]
+        and plan(sched, worker).memory_used() == model.size
+    )
     finish_all(first, sched)
     assert kinds(sched.schedule(0.0)) == [(ActionKind.INFER, model.sha256)]
 
@@ -260,8 +275,8 @@ def test_lru_eviction() -> None:
         (ActionKind.LOAD, c.sha256),
         (ActionKind.INFER, c.sha256),
     ]
-    assert list(worker.loaded) == [a.sha256, c.sha256]
-    assert worker.memory_used() <= worker.memory_budget
+    assert list(plan(sched, worker).loaded) == [a.sha256, c.sha256]
+    assert plan(sched, worker).memory_used() <= worker.memory_budget
 
 
 def test_eviction_frees_enough_for_a_big_model() -> None:
@@ -279,7 +294,7 @@ def test_eviction_frees_enough_for_a_big_model() -> None:
         (ActionKind.LOAD, big.sha256),
         (ActionKind.INFER, big.sha256),
     ]
-    assert list(worker.loaded) == [big.sha256]
+    assert list(plan(sched, worker).loaded) == [big.sha256]
 
 
 def test_eviction_skips_models_in_use() -> None:
@@ -297,8 +312,8 @@ def test_eviction_skips_models_in_use() -> None:
     add_all(sched, make_requests(c, 1))
     actions = sched.schedule(0.0)
     assert kinds(actions)[0] == (ActionKind.UNLOAD, b.sha256)
-    assert a.sha256 in worker.loaded and c.sha256 in worker.loaded
-    assert worker.memory_used() <= worker.memory_budget
+    assert a.sha256 in plan(sched, worker).loaded and c.sha256 in plan(sched, worker).loaded
+    assert plan(sched, worker).memory_used() <= worker.memory_budget
 
 
 def test_worker_reported_eviction_forces_reload() -> None:
@@ -309,7 +324,7 @@ def test_worker_reported_eviction_forces_reload() -> None:
     load, infer = sched.schedule(0.0)
     finish(load, sched)
     finish(infer, sched, evicted=[model.sha256])  # the worker dropped it under pressure
-    assert model.sha256 not in worker.loaded
+    assert model.sha256 not in plan(sched, worker).loaded
     assert [a.kind for a in _run_model(sched, model)] == [ActionKind.LOAD, ActionKind.INFER]
 
 
@@ -321,7 +336,7 @@ def test_failed_load_forgets_the_model() -> None:
     load, infer = sched.schedule(0.0)
     finish(load, sched, ok=False)
     finish(infer, sched, ok=False)
-    assert model.sha256 not in worker.loaded and worker.memory_used() == 0
+    assert model.sha256 not in plan(sched, worker).loaded and plan(sched, worker).memory_used() == 0
     assert [a.kind for a in _run_model(sched, model)] == [ActionKind.LOAD, ActionKind.INFER]
 
 
@@ -388,14 +403,14 @@ def test_pipeline_depth_per_worker() -> None:
     add_all(sched, make_requests(model, 5))
     first = sched.schedule(0.0)
     assert len(infers(first)) == PIPELINE_DEPTH
-    assert worker.busy_infers() == PIPELINE_DEPTH
+    assert plan(sched, worker).busy_infers() == PIPELINE_DEPTH
     assert sched.schedule(0.0) == []
     finish(first[0], sched)  # the LOAD result does not free an INFER slot
     assert first[0].kind is ActionKind.LOAD
     assert sched.schedule(0.0) == []
     finish(infers(first)[0], sched)
     assert len(infers(sched.schedule(0.0))) == 1
-    assert worker.busy_infers() == PIPELINE_DEPTH
+    assert plan(sched, worker).busy_infers() == PIPELINE_DEPTH
     assert sched.queued() == 5 - PIPELINE_DEPTH - 1
 
 
@@ -406,7 +421,7 @@ def test_pipeline_depth_spreads_over_workers() -> None:
     add_all(sched, make_requests(model, 10))
     actions = sched.schedule(0.0)
     assert len(infers(actions)) == 2 * PIPELINE_DEPTH
-    assert w0.busy_infers() == w1.busy_infers() == PIPELINE_DEPTH
+    assert plan(sched, w0).busy_infers() == plan(sched, w1).busy_infers() == PIPELINE_DEPTH
     assert sched.queued() == 10 - 2 * PIPELINE_DEPTH
 
 
@@ -468,75 +483,156 @@ def test_expire_returns_requests_past_their_deadline() -> None:
     later = make_requests(model, 1, deadline=5.0)
     never = make_requests(model, 1)
     add_all(sched, early + later + never)
-    assert sched.expire(0.5) == []
-    assert sched.expire(2.0) == early
+    assert expire(sched, 0.5) == []
+    assert expire(sched, 2.0) == early
     assert sched.queued() == 2
-    assert sched.expire(6.0) == later
+    assert expire(sched, 6.0) == later
     (infer,) = infers(sched.schedule(6.0))
     assert infer.requests == never
 
 
-def test_dead_requests_dropped_silently() -> None:
-    dead: set[int] = set()
+def test_cancelled_requests_are_dropped_silently() -> None:
     model = make_model()
-    sched = setup(alive=lambda rid: rid not in dead)
+    sched = setup()
     reqs = make_requests(model, 4, deadline=1.0)
     add_all(sched, reqs)
-    dead.update({reqs[0].rid, reqs[2].rid})
-    assert sched.expire(2.0) == [reqs[1], reqs[3]]  # the dead ones are not answered
+    sched.cancel(reqs[0])
+    sched.cancel(reqs[2])
+    sched.cancel(reqs[2])  # twice is once
+    assert sched.queued() == 2
+    assert expire(sched, 2.0) == [reqs[1], reqs[3]]  # the cancelled ones are not answered
     assert sched.queued() == 0
-    assert sched.expire(3.0) == [] and sched.schedule(3.0) == []
+    assert expire(sched, 3.0) == [] and sched.schedule(3.0) == []
 
 
-def test_dead_requests_are_not_dispatched() -> None:
-    dead: set[int] = set()
+def test_cancelled_requests_are_not_dispatched() -> None:
     model = make_model()
     other = make_model("other", max_batch=1)
-    sched = setup(alive=lambda rid: rid not in dead)
+    sched = setup()
     reqs = make_requests(model, 4)
     (late,) = make_requests(other, 1, arrival=1.0)
     add_all(sched, [*reqs, late])
-    dead.update({reqs[0].rid, reqs[2].rid})  # a dead head and a dead follower
+    sched.cancel(reqs[0])  # a cancelled head and a cancelled follower
+    sched.cancel(reqs[2])
     batches = infers(sched.schedule(0.0))
     assert [rids(a) for a in batches] == [[reqs[1].rid, reqs[3].rid], [late.rid]]
     assert sched.queued() == 0
 
 
-def test_all_dead_queue_schedules_nothing() -> None:
-    sched = setup(alive=lambda rid: False)
+def test_all_cancelled_queue_schedules_nothing() -> None:
+    sched = setup()
     model = make_model()
-    add_all(sched, make_requests(model, 3))
+    reqs = make_requests(model, 3)
+    add_all(sched, reqs)
+    for request in reqs:
+        sched.cancel(request)
     assert sched.schedule(0.0) == []
     assert sched.queued() == 0 and not sched.has_work(model.sha256)
+
+
+def test_expiry_is_a_periodic_scan_the_wakeup_announces() -> None:
+    model = make_model()
+    sched = setup(make_worker(budget=10))  # the model cannot load: requests stay queued
+    assert sched.next_wakeup(0.0) == math.inf  # nothing can expire
+    add_all(sched, make_requests(model, 1, deadline=0.01))
+    sched.schedule(0.0)
+    assert sched.next_wakeup(0.0) == pytest.approx(EXPIRE_PERIOD)
 
 
 # ---------------------------------------------------------------- workers and models
 
 
-def test_on_worker_lost_returns_inflight_requests() -> None:
+def test_a_lost_workers_requests_are_retried_once() -> None:
     model = make_model(max_batch=2)
     worker = make_worker()
     sched = setup(worker)
     reqs = make_requests(model, 5)
     add_all(sched, reqs)
     actions = sched.schedule(0.0)
-    lost = sched.on_worker_lost(worker)
-    assert sorted(r.rid for r in lost) == [r.rid for r in reqs[:4]]
-    assert {r.rid for a in infers(actions) for r in a.requests} == {r.rid for r in lost}
-    worker.inflight.clear()  # the broker does this after on_worker_lost
+    lost = sched.remove_worker(worker, 0.0)
+    assert {a.id for a in lost} == {a.id for a in actions if a.kind is not ActionKind.UNLOAD}
+    assert sched.queued() == 5 and sched.failed == []  # 4 retried, ahead of the 5th
+    assert all(r.retries == 1 for r in reqs[:4]) and reqs[4].retries == 0
     assert sched.schedule(0.0) == []  # no worker left
-    assert sched.queued() == 1
     replacement = make_worker("w1")
-    sched.add_worker(replacement)
+    sched.add_worker(replacement, 0.0)
+    actions = sched.schedule(0.0)
+    assert [a.kind for a in actions][:2] == [ActionKind.LOAD, ActionKind.INFER]
+    assert rids(infers(actions)[0]) == [reqs[0].rid, reqs[1].rid]
+    sched.remove_worker(replacement, 0.0)  # a second loss: those requests fail
+    failed = {r.rid: e.status for r, e in sched.failed}
+    assert failed == {r.rid: Status.WORKER_LOST for r in reqs[:4]}
+
+
+def test_an_answered_request_is_not_retried() -> None:
+    model = make_model()
+    worker = make_worker()
+    sched = setup(worker)
+    (request,) = make_requests(model, 1)
+    add_all(sched, [request])
+    sched.schedule(0.0)
+    request.answered = True  # e.g. the broker gave up on it
+    sched.remove_worker(worker, 0.0)
+    assert sched.queued() == 0 and sched.failed == []
+
+
+def test_remove_worker_with_nothing_running() -> None:
+    worker = make_worker()
+    sched = setup(worker)
+    assert sched.remove_worker(worker, 0.0) == []
+    add_all(sched, make_requests(make_model(), 1))
+    assert sched.schedule(0.0) == []
+
+
+def test_a_model_missing_on_its_worker_is_reloaded_and_its_requests_retried() -> None:
+    from mtcore.actions import ActionStatus
+
+    model = make_model()
+    worker = make_worker()
+    sched = setup(worker)
+    reqs = make_requests(model, 2)
+    add_all(sched, reqs)
+    load, infer = sched.schedule(0.0)
+    assert sched.on_result(load, make_result(load), 0.0)
+    missing = make_result(infer, status=ActionStatus.EXEC_MODEL_MISSING)
+    assert sched.on_result(infer, missing, 0.0) is False  # the scheduler took them back
+    assert model.sha256 not in plan(sched, worker).loaded and sched.queued() == 2
     assert [a.kind for a in sched.schedule(0.0)] == [ActionKind.LOAD, ActionKind.INFER]
 
 
-def test_on_worker_lost_with_nothing_running() -> None:
+def test_an_unanswered_action_gives_its_requests_another_go() -> None:
+    model = make_model()
     worker = make_worker()
     sched = setup(worker)
-    assert sched.on_worker_lost(worker) == []
+    add_all(sched, make_requests(model, 1))
+    load, infer = sched.schedule(0.0)
+    assert sched.on_result(load, None, 0.0) is False
+    assert sched.on_result(infer, None, 0.0) is False
+    assert model.sha256 not in plan(sched, worker).loaded and sched.queued() == 1
+
+
+def test_profile_goes_to_the_least_busy_worker() -> None:
+    busy, idle = make_worker("busy"), make_worker("idle")
+    sched = setup(busy, idle)
+    assert make_scheduler().place_profile("ab" * 32, None) is None  # no worker
     add_all(sched, make_requests(make_model(), 1))
-    assert sched.schedule(0.0) == []
+    sched.schedule(0.0)
+    (holder,) = [w for w in (busy, idle) if plan(sched, w).inflight]
+    action = sched.place_profile("ab" * 32, "ctx")
+    assert action.kind is ActionKind.PROFILE and action.worker is not holder
+    assert action.id in plan(sched, action.worker).inflight
+
+
+def test_forget_model_unloads_it_everywhere() -> None:
+    model = make_model()
+    w0, w1 = make_worker("w0"), make_worker("w1")
+    sched = setup(w0, w1)
+    add_all(sched, make_requests(model, 1))
+    sched.schedule(0.0)
+    unloads = sched.forget_model(model.sha256)
+    assert {a.worker.name for a in unloads} == {"w0", "w1"}
+    assert all(a.kind is ActionKind.UNLOAD and a.context == "forget" for a in unloads)
+    assert not any(model.sha256 in p.loaded for p in sched.plans.values())
 
 
 def test_drop_model() -> None:
@@ -606,13 +702,13 @@ def test_invariants_under_random_traffic(ops: list[tuple], budgets: list[int]) -
                     reqs = action.requests
                     assert len({r.stack_key for r in reqs}) == 1
                     assert len(reqs) == 1 or sum(r.batch for r in reqs) <= reqs[0].model.max_batch
-                if action.id in action.worker.inflight:
+                if action.id in plan(sched, action.worker).inflight:
                     running.append(action)
         for w in workers:
-            assert w.memory_used() <= w.memory_budget
-            assert w.busy_infers() <= PIPELINE_DEPTH
+            assert plan(sched, w).memory_used() <= w.memory_budget
+            assert plan(sched, w).busy_infers() <= PIPELINE_DEPTH
     failed = [r.rid for r, _ in sched.failed]
-    queued = [r.rid for q in sched.queues.values() for r in q]
+    queued = [r.rid for q in sched.queues.values() for r in q if r.queued]
     assert len(dispatched) == len(set(dispatched))
     assert sorted(dispatched + failed + queued) == sorted(added)
     assert sched.queued() == len(queued)

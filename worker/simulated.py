@@ -109,6 +109,7 @@ class SimWorker:
     exec_free: list[float]  # per exec executor: when it is free (monotonic seconds)
     loader_free: float = 0.0
     device: dict[str, int] = field(default_factory=dict)  # sha -> bytes, insertion = LRU
+    ready: dict[str, float] = field(default_factory=dict)  # sha -> when its LOAD ends
     host: set[str] = field(default_factory=set)
     waiting: dict[str, list[Any]] = field(default_factory=dict)  # sha -> actions until fetched
     last_sent: float = 0.0
@@ -270,6 +271,7 @@ class SimulatedWorkers:
         took = self.noisy(prof.load_host if tier == "host" else prof.load_cold)
         worker.loader_free = start + took / 1e6
         worker.device[sha] = size
+        worker.ready[sha] = worker.loader_free  # an INFER of it waits for this, as on a worker
         worker.host.add(sha)
         timing = Timing(queue=int((start - now) * 1e6), load=int(took))
         timing.total = timing.queue + timing.load
@@ -294,7 +296,7 @@ class SimulatedWorkers:
     def on_infer(self, worker: SimWorker, action: Infer, payload: list[Any], now: float) -> None:
         sha = action.sha256
         lane = min(range(len(worker.exec_free)), key=worker.exec_free.__getitem__)
-        start = max(now + action.earliest, worker.exec_free[lane])
+        start = max(now + action.earliest, worker.exec_free[lane], worker.ready.get(sha, 0.0))
         status, error = ActionStatus.OK, ""
         if sha not in worker.device:
             status, error = ActionStatus.EXEC_MODEL_MISSING, "the model is not loaded here"
