@@ -509,7 +509,9 @@ def mixed(
                 for a in open_loop([mix], duration, seed)]  # fmt: skip
     inputs_by_model = {kind: zoo.sample_inputs(kind) for kind in shares}
     schedulers = ("fifo", "predictive")
-    targets = [MtserveTarget(threads=1, scheduler=s, name=s) for s in schedulers]
+    # Two executors of one thread each: a short run need not wait for a long one to end
+    # (the predictive scheduler keeps one free of long runs; FIFO fills both).
+    targets = [MtserveTarget(threads=1, exec_threads=2, scheduler=s, name=s) for s in schedulers]
     whole, records, lateness = run_each(
         targets, models, arrivals, inputs_by_model, list(shares), duration, drain_s
     )

@@ -173,8 +173,10 @@ class MtserveTarget(_RemoteTarget):
         name: str = "mtserve",
         spin_us: int = 0,
         scheduler: str = "predictive",
+        exec_threads: int = 1,
     ) -> None:
         self.name = name
+        self.exec_threads = exec_threads  # each worker's --exec-threads
         self.spin_us = spin_us  # busy-poll window of broker and workers (--spin-us)
         self.scheduler = scheduler  # the broker's --scheduler
         self.workers = workers
@@ -202,7 +204,7 @@ class MtserveTarget(_RemoteTarget):
             memory_mb=self.memory_mb,
             threads=self.threads,
             broker_args=broker_args,
-            worker_args=["--spin-us", str(self.spin_us)],
+            worker_args=["--spin-us", str(self.spin_us), "--exec-threads", str(self.exec_threads)],
         )
         try:
             self.cluster.start()

@@ -28,6 +28,9 @@ with its worker trackers):
   holders cannot serve it as soon as another worker can. Loads go to the loader ahead of
   the exec that needs them, and a replica that has not run for REPLICA_IDLE_S is
   released while another worker still holds the model;
+- executors: on a worker with several, a run that is long against the tightest deadline
+  in use never takes the last free one (nor waits queued on the worker for it), so a
+  request with a tight deadline never waits behind a long batch;
 - eviction: least recently used first, models with queued work last, never one running;
 - reaction: every result re-times its worker's timeline from the clock and what is still
   in flight (so a worker that ran late, or answered TOO_LATE, is planned from when it
@@ -61,7 +64,17 @@ CANDIDATES = 2  # other workers (those free first) considered per decision
 # wait is an estimate over work not yet placed (how it will batch, where it will run),
 # and its error grows with it.
 WAIT_SLACK = 0.5
+LONG_SHARE = 0.25  # a run longer than this share of the tightest deadline budget is long
+TIGHT_WINDOW_S = 10.0  # how long the tightest deadline budget seen is remembered
 UNKNOWN_EXEC_S = 0.0  # a model never profiled nor run: admitted (its first runs teach us)
+
+
+def first_lane(lanes: list[float], long: bool) -> int:
+    """The executor a batch goes to: the first free one, but never lane 0 for a long run
+    on a worker with more (lane 0 is kept for short runs with tight deadlines)."""
+    if long and len(lanes) > 1:
+        return 1 + min(range(len(lanes) - 1), key=lambda i: lanes[i + 1])
+    return min(range(len(lanes)), key=lanes.__getitem__)
 
 
 def water_level(levels: list[float], work: float, now: float) -> float:
@@ -118,6 +131,8 @@ class PredictiveScheduler(QueueScheduler):
         self._exec_memo: dict[str, dict[tuple[int, str | None], float]] = {}  # sha -> runs
         self._replicated = False  # some model has more than one holder
         self._warm: dict[str, tuple[ModelRecord, WorkerPlan]] = {}  # loads admission planned
+        self._tight_budget = math.inf  # the tightest deadline budget seen lately (seconds)
+        self._tight_until = 0.0  # when that observation lapses
         self._waiting: dict[bytes, list[Any]] = {}  # wid -> head entries waiting for it
         self._by_free: list[tuple[float, bytes]] = []  # (free estimate, wid), sorted
         self._free_key: dict[bytes, tuple[float, bytes]] = {}  # wid -> its _by_free entry
@@ -157,10 +172,25 @@ class PredictiveScheduler(QueueScheduler):
         us = self.predictor.load_us(sha, plan.worker.kind, tier, model.size)
         return (us or 0.0) / 1e6
 
+    def is_long(self, model: ModelRecord) -> bool:
+        """Whether the model's runs are long against the tightest deadline budget seen in
+        the last TIGHT_WINDOW_S: such runs never take a worker's last free executor, so a
+        request with a tight deadline never waits behind one (where there are two)."""
+        return self.exec_s(model, 1) > LONG_SHARE * self._tight_budget
+
+    def _note_budget(self, request: PendingRequest, now: float) -> None:
+        budget = request.deadline - request.arrival
+        if budget <= self._tight_budget or now >= self._tight_until:
+            self._tight_budget, self._tight_until = budget, now + TIGHT_WINDOW_S
+
     def _start(self, plan: WorkerPlan, model: ModelRecord, now: float) -> tuple[float, float]:
         """(when a batch of the model could start on this worker, when its first action
         there would start): the executor's free time, after a load where needed."""
-        lane = max(now, min(plan.lanes))
+        lanes = plan.lanes
+        if len(lanes) == 1:
+            lane = max(now, lanes[0])
+        else:
+            lane = max(now, lanes[first_lane(lanes, self.is_long(model))])
         sha = model.sha256
         if sha in plan.loaded:
             return max(lane, plan.ready.get(sha, now)), lane
@@ -183,6 +213,8 @@ class PredictiveScheduler(QueueScheduler):
         run = self.exec_s(model, request.batch)
         request.latest_start = request.deadline - run
         request.order_key = self._key(request)
+        if request.deadline != math.inf:
+            self._note_budget(request, now)
         if request.deadline == math.inf or not self.plans:
             return  # nothing to plan against: the queue holds it until a worker joins
         best = self.predicted_start(request, now)
@@ -237,6 +269,8 @@ class PredictiveScheduler(QueueScheduler):
                 lanes = plan.lanes
                 if len(lanes) == 1:
                     level = max(now, lanes[0]) + ahead
+                elif self.is_long(request.model):
+                    level = water_level(sorted(lanes[1:]), ahead, now)
                 else:
                     level = water_level(sorted(lanes), ahead, now)
                 if level > start:
@@ -258,14 +292,14 @@ class PredictiveScheduler(QueueScheduler):
         if few:
             for wid in holders:
                 plan = self.plans[wid]
-                if not (dispatch and self._full(plan)):
+                if not (dispatch and self._full(plan, model)):
                     out.append((plan, *self._start(plan, model, now), True))
         found = held = 0
         for _, wid in self._by_free:  # the workers that can take new work first
             if found >= CANDIDATES and (few or held >= HOLDERS):
                 break
             plan = self.plans[wid]
-            if dispatch and self._full(plan):
+            if dispatch and self._full(plan, model):
                 continue
             if wid in holders:
                 if not few and held < HOLDERS:
@@ -401,6 +435,8 @@ class PredictiveScheduler(QueueScheduler):
         next such time is when to wake up."""
         horizon = now + self.lookahead_s
         self._due = math.inf
+        if not self._waiting:
+            return
         for free, wid in self._by_lane:
             if free > horizon:
                 if self._waiting:
@@ -473,7 +509,7 @@ class PredictiveScheduler(QueueScheduler):
             # no worker can make room now (all of it runs): wait for the first to free
             return self.plans[self._by_lane[0][1]]
         plan, start, first = choice
-        if first > now + self.lookahead_s or self._full(plan):
+        if first > now + self.lookahead_s or self._full(plan, model):
             return plan  # busy: wait for it rather than settle for a worse one
         batch = self._take_batch(sha, head, plan, start, now)
         if not batch:
@@ -496,8 +532,15 @@ class PredictiveScheduler(QueueScheduler):
             return None
         return (plan, *self._start(plan, head.model, now))
 
-    def _full(self, plan: WorkerPlan) -> bool:
-        return len(plan.running) >= MAX_INFERS_PER_LANE * len(plan.lanes)
+    def _full(self, plan: WorkerPlan, model: ModelRecord | None = None) -> bool:
+        """No INFER slot free; for a long run on a worker with several executors, as many
+        long runs in flight as executors but one (no long run is queued on the worker,
+        where an idle executor kept for short runs would take it)."""
+        if len(plan.running) >= MAX_INFERS_PER_LANE * len(plan.lanes):
+            return True
+        if model is None or len(plan.lanes) < 2 or not self.is_long(model):
+            return False
+        return sum(a.long for a in plan.running.values()) >= len(plan.lanes) - 1
 
     def _take_batch(
         self, sha: str, head: PendingRequest, plan: WorkerPlan, start: float, now: float
@@ -564,9 +607,10 @@ class PredictiveScheduler(QueueScheduler):
         infer = actions[-1]
         infer.expected_duration = run
         infer.start = start
+        infer.long = self.is_long(model)
         infer.latest = min(r.deadline for r in batch) - run  # the latest it may start
         lanes = list(plan.lanes)
-        lanes[lanes.index(min(lanes))] = start + run
+        lanes[first_lane(lanes, infer.long)] = start + run
         self._set_lanes(plan, lanes)
         return actions
 
@@ -681,7 +725,7 @@ class PredictiveScheduler(QueueScheduler):
         ready = plan.ready
         for action in plan.running.values():  # in the order sent
             d = action.expected_duration
-            i = lanes.index(min(lanes))
+            i = first_lane(lanes, action.long)
             model_ready = ready.get(action.sha256, now)
             if running > 0 and action.start and action.start <= now and model_ready <= now:
                 lanes[i] = max(now, action.start + d)  # it was running: it continues

@@ -76,6 +76,7 @@ class Action:
     size: int = 0  # the model's bytes (LOAD, for the predictor's bandwidth)
     expected_duration: float = 0.0  # seconds, from the predictor (0 when unknown)
     start: float = 0.0  # monotonic time the scheduler planned it to start (0: unplanned)
+    long: bool = False  # a long run: it never takes a worker's last free executor
     latest: float = math.inf  # monotonic time by which it must start (inf: no limit)
     sent: float = 0.0  # monotonic, set at dispatch
     id: int = field(default_factory=lambda: next(_action_ids))

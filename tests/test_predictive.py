@@ -551,3 +551,21 @@ def test_next_wakeup_never_asks_for_a_busy_loop() -> None:
     s.schedule(now=0.0)
     s.schedule(now=0.0)  # its executor is planned busy: wake when it frees, not now
     assert s.next_wakeup(now=0.0) > 0.0
+
+
+def test_a_long_run_never_takes_the_last_free_executor() -> None:
+    big = make_model("big", profile={1: 40_000.0}, max_batch=1)
+    tiny = make_model("tiny", profile={1: 100.0})
+    w = make_worker(lanes=2)
+    s = scheduler(w)
+    hold(s, w, big, tiny)
+    s.add_request(make_requests(tiny, 1, deadline=10 * MS)[0], now=0.0)  # a tight deadline
+    infers(s.schedule(now=0.0))
+    for r in make_requests(big, 2, deadline=1.0):
+        s.add_request(r, now=0.0)
+    sent = infers(s.schedule(now=0.0))
+    assert [a.sha256 for a in sent] == [big.sha256] and sent[0].long  # one long run only
+    (urgent,) = make_requests(tiny, 1, deadline=10 * MS)
+    s.add_request(urgent, now=1 * MS)
+    (infer,) = infers(s.schedule(now=1 * MS))  # the free executor takes it at once
+    assert infer.requests == [urgent] and not infer.long
