@@ -58,7 +58,7 @@ MAX_INFERS_PER_LANE = 2  # INFERs in flight per executor (guards runs predicted 
 REPLICA_IDLE_S = 2.0  # a replica unused this long is released while another one remains
 RELEASE_PERIOD = 0.25  # seconds between passes over the replicas
 STARVATION_S = 1.0  # latency objective: a request waiting this long goes first
-HOLDERS = 3  # holders of a model (those free first) considered per decision
+HOLDERS = 2  # holders of a model (those free first) considered per decision
 CANDIDATES = 2  # other workers (those free first) considered per decision
 # Admission adds this share of a request's predicted wait to its predicted finish: the
 # wait is an estimate over work not yet placed (how it will batch, where it will run),
@@ -128,6 +128,7 @@ class PredictiveScheduler(QueueScheduler):
         self._next_release = 0.0
         self._kinds: list[str] = []  # worker kinds present
         self._tags: dict[bytes, str] = {}  # wid -> its queue-key suffix
+        self._load_memo: dict[tuple[str, str, str], float] = {}  # (sha, kind, tier) -> s
         self._exec_memo: dict[str, dict[tuple[int, str | None], float]] = {}  # sha -> runs
         self._replicated = False  # some model has more than one holder
         self._warm: dict[str, tuple[ModelRecord, WorkerPlan]] = {}  # loads admission planned
@@ -169,8 +170,12 @@ class PredictiveScheduler(QueueScheduler):
         if sha in plan.loaded:
             return 0.0
         tier = "host" if sha in plan.worker.host_models else "cold"
-        us = self.predictor.load_us(sha, plan.worker.kind, tier, model.size)
-        return (us or 0.0) / 1e6
+        key = (sha, plan.worker.kind, tier)
+        value = self._load_memo.get(key)
+        if value is None:
+            us = self.predictor.load_us(sha, plan.worker.kind, tier, model.size)
+            value = self._load_memo[key] = (us or 0.0) / 1e6
+        return value
 
     def is_long(self, model: ModelRecord) -> bool:
         """Whether the model's runs are long against the tightest deadline budget seen in
@@ -707,6 +712,8 @@ class PredictiveScheduler(QueueScheduler):
         the model's queue when its prediction rose or drifted."""
         if action.kind is ActionKind.INFER:
             self._exec_memo.pop(action.sha256, None)  # its window has a new sample
+        elif action.kind is ActionKind.LOAD:
+            self._load_memo.clear()  # a load time, and maybe the bandwidth, was learned
         if replan:
             self.counters["replans"] += 1
             self._recheck.add(action.sha256)
@@ -752,6 +759,7 @@ class PredictiveScheduler(QueueScheduler):
     def seed(self, record: ModelRecord) -> None:
         super().seed(record)
         self._exec_memo.pop(record.sha256, None)
+        self._load_memo.clear()
 
     def forget_model(self, sha256: str) -> list[Action]:
         self._exec_memo.pop(sha256, None)

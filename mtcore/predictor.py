@@ -98,6 +98,7 @@ class Predictor:
     bandwidth: dict[tuple[str, str], Window] = field(default_factory=dict)
     calibration: int = 200  # measured/base ratios kept per (kind, exec or load)
     _spread: dict[tuple[str, str], Window] = field(default_factory=dict)
+    _margins: dict[tuple[str, str], float] = field(default_factory=dict)  # margin, cached
     predicted: int = 0  # measurements compared with a prediction made before them
     within: int = 0  # of those, how many took no longer than predicted
 
@@ -205,10 +206,14 @@ class Predictor:
         this machine's runs have lately spread further (the 99th percentile of measured
         over base, once CALIBRATION_MIN have been seen): a loaded two-core VM is far
         less steady than an idle core or a GPU, and a plan is only as good as its margin."""
-        spread = self._spread.get((kind, what))
-        if spread is None or len(spread.samples) < CALIBRATION_MIN:
-            return self.headroom
-        return max(self.headroom, spread.estimate(self.quantile) or 0.0)
+        value = self._margins.get((kind, what))
+        if value is None:
+            spread = self._spread.get((kind, what))
+            value = self.headroom
+            if spread is not None and len(spread.samples) >= CALIBRATION_MIN:
+                value = max(self.headroom, spread.estimate(self.quantile) or 0.0)
+            self._margins[(kind, what)] = value
+        return value
 
     def _calibrate(self, kind: str, what: str, base: float | None, measured_us: float) -> None:
         """Score the prediction made before this measurement, and keep how far over its
@@ -222,6 +227,7 @@ class Predictor:
         if spread is None:
             spread = self._spread[(kind, what)] = Window(self.calibration)
         spread.add(measured_us / base, math.inf, self.calibration)  # no drift here
+        self._margins.pop((kind, what), None)
 
     @property
     def within_share(self) -> float | None:
