@@ -29,7 +29,6 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-CALIBRATION_MIN = 50  # ratios seen before the margin follows the measured spread
 PLANNING_HEADROOM = 1.15  # the scheduler's predictor: estimates 15% above the percentile
 Key = tuple[str, str, int]  # (model sha256, worker kind, batch size)
 LoadKey = tuple[str, str, str]  # (model sha256, worker kind, tier: "host" or "cold")
@@ -96,9 +95,6 @@ class Predictor:
     load_windows: dict[LoadKey, Window] = field(default_factory=dict)
     # (kind, tier) -> bytes per microsecond, the slowest recent load of any model
     bandwidth: dict[tuple[str, str], Window] = field(default_factory=dict)
-    calibration: int = 200  # measured/base ratios kept per (kind, exec or load)
-    _spread: dict[tuple[str, str], Window] = field(default_factory=dict)
-    _margins: dict[tuple[str, str], float] = field(default_factory=dict)  # margin, cached
     predicted: int = 0  # measurements compared with a prediction made before them
     within: int = 0  # of those, how many took no longer than predicted
 
@@ -122,19 +118,16 @@ class Predictor:
         the largest, that one's time scaled linearly (batches grow about linearly on a
         busy CPU, less than linearly on a GPU: conservative either way).
         """
-        base = self._exec_base(model, kind, batch)
-        return None if base is None else base * self.margin(kind, "exec")
-
-    def _exec_base(self, model: str, kind: str, batch: int) -> float | None:
-        """The windows' percentile, before the margin."""
         window = self.exec_windows.get((model, kind, batch))
         own = window.estimate(self.quantile) if window is not None else None
         if own is not None and len(window.samples) >= self.min_samples:
-            return own
+            return own * self.headroom
         fallback = self._other_sizes(model, kind, batch)
         if own is None or fallback is None:
-            return own if fallback is None else fallback
-        return max(own, fallback)  # a thin window: the larger of it and its neighbour
+            best = own if fallback is None else fallback
+        else:
+            best = max(own, fallback)  # a thin window: the larger of it and its neighbour
+        return None if best is None else best * self.headroom
 
     def _other_sizes(self, model: str, kind: str, batch: int) -> float | None:
         """The estimate from other batch sizes: the smallest (well-measured, if any)
@@ -155,7 +148,7 @@ class Predictor:
 
     def observe_exec(self, model: str, kind: str, batch: int, us: float) -> bool:
         """A measured exec time; True on a drift (the older samples were dropped)."""
-        self._calibrate(kind, "exec", self._exec_base(model, kind, batch), us)
+        self._score(self.exec_us(model, kind, batch), us)
         window = self._exec_window(model, kind, batch)
         return window.add(float(us), self.drift_ratio, self.drift_samples)
 
@@ -170,17 +163,13 @@ class Predictor:
 
     def load_us(self, model: str, kind: str, tier: str, nbytes: int) -> float | None:
         """Predicted time to make a model runnable from `tier` ("host" or "cold")."""
-        base = self._load_base(model, kind, tier, nbytes)
-        return None if base is None else base * self.margin(kind, "load")
-
-    def _load_base(self, model: str, kind: str, tier: str, nbytes: int) -> float | None:
         window = self.load_windows.get((model, kind, tier))
         if window is not None and window.samples:
-            return window.estimate(self.quantile)
+            return window.estimate(self.quantile) * self.headroom
         rates = self.bandwidth.get((kind, tier))
         if rates is None or not rates.samples:
             return None
-        return nbytes / min(rates.samples)
+        return nbytes / min(rates.samples) * self.headroom
 
     def seed_load(self, model: str, kind: str, tier: str, samples: list[float]) -> None:
         """Start a load window from the upload profile's measured builds."""
@@ -192,7 +181,7 @@ class Predictor:
             window.samples.popleft()
 
     def observe_load(self, model: str, kind: str, tier: str, nbytes: int, us: float) -> bool:
-        self._calibrate(kind, "load", self._load_base(model, kind, tier, nbytes), us)
+        self._score(self.load_us(model, kind, tier, nbytes), us)
         if us > 0 and nbytes > 0:
             rates = self.bandwidth.setdefault((kind, tier), Window(self.window))
             rates.add(nbytes / us, self.drift_ratio, self.drift_samples)
@@ -201,33 +190,12 @@ class Predictor:
 
     # -- accounting -----------------------------------------------------------------
 
-    def margin(self, kind: str, what: str) -> float:
-        """The factor on the windows' percentile: the planning headroom, or more where
-        this machine's runs have lately spread further (the 99th percentile of measured
-        over base, once CALIBRATION_MIN have been seen): a loaded two-core VM is far
-        less steady than an idle core or a GPU, and a plan is only as good as its margin."""
-        value = self._margins.get((kind, what))
-        if value is None:
-            spread = self._spread.get((kind, what))
-            value = self.headroom
-            if spread is not None and len(spread.samples) >= CALIBRATION_MIN:
-                value = max(self.headroom, spread.estimate(self.quantile) or 0.0)
-            self._margins[(kind, what)] = value
-        return value
-
-    def _calibrate(self, kind: str, what: str, base: float | None, measured_us: float) -> None:
-        """Score the prediction made before this measurement, and keep how far over its
-        base the measurement came."""
-        if base is None or base <= 0:
+    def _score(self, predicted_us: float | None, measured_us: float) -> None:
+        if predicted_us is None:
             return
         self.predicted += 1
-        if measured_us <= base * self.margin(kind, what):
+        if measured_us <= predicted_us:
             self.within += 1
-        spread = self._spread.get((kind, what))
-        if spread is None:
-            spread = self._spread[(kind, what)] = Window(self.calibration)
-        spread.add(measured_us / base, math.inf, self.calibration)  # no drift here
-        self._margins.pop((kind, what), None)
 
     @property
     def within_share(self) -> float | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -93,20 +91,3 @@ def test_forget_drops_a_model() -> None:
     p.observe_load("m", "cpu", "host", 10, 1.0)
     p.forget("m")
     assert p.exec_us("m", "cpu", 1) is None and p.load_us("m", "cpu", "host", 10) == 1.0
-
-
-def test_the_margin_follows_the_measured_spread_once_enough_is_seen() -> None:
-    p = Predictor(headroom=1.15)
-    p.seed_exec("m", "cpu", {1: [100.0] * 10})
-    assert p.exec_us("m", "cpu", 1) == pytest.approx(115.0)
-    window = p.exec_windows[("m", "cpu", 1)]
-    for i in range(60):  # every run 1.4x the window's maximum (the window held at 100)
-        if i == 49:
-            assert p.margin("cpu", "exec") == pytest.approx(1.15)  # 49 ratios: not yet
-        p.observe_exec("m", "cpu", 1, 140.0)
-        window.samples = deque([100.0] * 10)
-        window._estimates.clear()
-    assert p.margin("cpu", "exec") == pytest.approx(1.4)
-    assert p.exec_us("m", "cpu", 1) == pytest.approx(140.0)
-    assert p.margin("gpu", "exec") == pytest.approx(1.15)  # per worker kind
-    assert p.margin("cpu", "load") == pytest.approx(1.15)  # and per kind of action
