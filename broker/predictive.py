@@ -131,7 +131,8 @@ class PredictiveScheduler(QueueScheduler):
         self._load_memo: dict[tuple[str, str, str], float] = {}  # (sha, kind, tier) -> s
         self._exec_memo: dict[str, dict[tuple[int, str | None], float]] = {}  # sha -> runs
         self._replicated = False  # some model has more than one holder
-        self._warm: dict[str, tuple[ModelRecord, WorkerPlan]] = {}  # loads admission planned
+        # sha -> (model, worker, may evict): the loads admission planned
+        self._warm: dict[str, tuple[ModelRecord, WorkerPlan, bool]] = {}
         self._tight_budget = math.inf  # the tightest deadline budget seen lately (seconds)
         self._tight_until = 0.0  # when that observation lapses
         self._waiting: dict[bytes, list[Any]] = {}  # wid -> head entries waiting for it
@@ -228,9 +229,13 @@ class PredictiveScheduler(QueueScheduler):
         start, plan, soonest = best
         done = start + run + self.wait_slack * (start - now)
         sha = model.sha256
-        if sha not in plan.loaded:
-            self._warm[sha] = (model, plan)  # load it now: this or the next ones need it
-        if done > request.deadline:
+        refused = done > request.deadline
+        if sha not in plan.loaded and not (refused and sha in self._warm):
+            # Load it now: this request needs it. For a refused one too (a load too slow
+            # for one deadline is no reason never to load the model), but only into free
+            # room: evicting a model in use for one that was just refused thrashes.
+            self._warm[sha] = (model, plan, not refused)
+        if refused:
             self.counters["rejected"] += 1
             raise DeadlineUnmeetable(
                 f"model '{model.name}' is predicted to finish in {(done - now) * 1e3:.1f} ms"
@@ -640,10 +645,11 @@ class PredictiveScheduler(QueueScheduler):
         runs ahead of it. A refused request's plan is loaded too: a load too slow for one
         deadline is no reason never to load the model."""
         actions: list[Action] = []
-        for sha, (model, plan) in list(self._warm.items()):
+        for sha, (model, plan, may_evict) in list(self._warm.items()):
             del self._warm[sha]
             live = self.plans.get(plan.worker.wid) is plan
-            if live and sha not in plan.loaded and plan.can_fit(model.size):
+            room = plan.worker.memory_budget - plan.used >= model.size
+            if live and sha not in plan.loaded and plan.can_fit(model.size) and (may_evict or room):
                 actions.extend(self._load(plan, model, now))
                 self.counters["warm_loads"] += 1
         return actions
