@@ -50,6 +50,7 @@ from broker.ledger import WorkLedger
 from broker.registry import ModelRecord
 from broker.scheduler import OBJECTIVES, QueueScheduler, WorkerPlan
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
+from broker.timelines import first_lane, replan_lanes, replan_loader, water_level
 from mtcore.errors import DeadlineExpired, DeadlineUnmeetable
 from mtcore.predictor import Predictor
 
@@ -67,32 +68,6 @@ WAIT_SLACK = 0.5
 LONG_SHARE = 0.25  # a run longer than this share of the tightest deadline budget is long
 TIGHT_WINDOW_S = 10.0  # how long the tightest deadline budget seen is remembered
 UNKNOWN_EXEC_S = 0.0  # a model never profiled nor run: admitted (its first runs teach us)
-
-
-def first_lane(lanes: list[float], long: bool) -> int:
-    """The executor a batch goes to: the first free one, but never lane 0 for a long run
-    on a worker with more (lane 0 is kept for short runs with tight deadlines)."""
-    if long and len(lanes) > 1:
-        return 1 + min(range(len(lanes) - 1), key=lambda i: lanes[i + 1])
-    return min(range(len(lanes)), key=lanes.__getitem__)
-
-
-def water_level(levels: list[float], work: float, now: float) -> float:
-    """When executors that free at the sorted `levels` (none before `now`) have together
-    done `work` seconds: each takes work from its own free time on."""
-    n = len(levels)
-    k = bisect.bisect_right(levels, now)  # free already: they start at `now`
-    level = now
-    if k == 0:
-        level, k = levels[0], 1
-    while k < n:
-        room = k * (levels[k] - level)
-        if work <= room:
-            return level + work / k
-        work -= room
-        level = levels[k]
-        k += 1
-    return level + work / n
 
 
 class PredictiveScheduler(QueueScheduler):
@@ -726,41 +701,13 @@ class PredictiveScheduler(QueueScheduler):
         self._retime(plan, now, action)
 
     def _retime(self, plan: WorkerPlan, now: float, done: Action | None = None) -> None:
-        """Re-plan a worker from the clock and what it has in flight, in the order sent.
-        An action already running ends as planned (or now, if overdue): its progress is
-        kept, not restarted. The lane `done` just freed (an executor for an INFER, the
-        loader for a LOAD) starts its next action now. The loader is re-planned only
-        when a load ended (or none is known to have): INFERs do not move it."""
+        """Re-plan a worker from the clock and what it has in flight (`broker.timelines`).
+        The loader is re-planned only when a load ended (or none is known to have):
+        INFERs do not move it."""
         if done is None or done.kind is not ActionKind.INFER:
-            self._retime_loader(plan, now, done is not None and done.kind is ActionKind.LOAD)
-        running = len(plan.lanes) - (done is not None and done.kind is ActionKind.INFER)
-        lanes = [now] * len(plan.lanes)
-        ready = plan.ready
-        for action in plan.running.values():  # in the order sent
-            d = action.expected_duration
-            i = first_lane(lanes, action.long)
-            model_ready = ready.get(action.sha256, now)
-            if running > 0 and action.start and action.start <= now and model_ready <= now:
-                lanes[i] = max(now, action.start + d)  # it was running: it continues
-            else:
-                lanes[i] = max(lanes[i], model_ready) + d
-            running -= 1
-        self._set_lanes(plan, lanes)
-
-    def _retime_loader(self, plan: WorkerPlan, now: float, freed: bool) -> None:
-        loader = now
-        ready: dict[str, float] = {}
-        running = not freed
-        for action in plan.inflight.values():  # in the order sent
-            if action.kind is ActionKind.LOAD:
-                d = action.expected_duration
-                if running and action.start:
-                    loader = max(now, action.start + d)  # it was running: it continues
-                else:
-                    loader = max(loader, action.start) + d
-                running = False
-                ready[action.sha256] = loader
-        plan.loader_free, plan.ready = loader, ready
+            freed = done is not None and done.kind is ActionKind.LOAD
+            plan.loader_free, plan.ready = replan_loader(plan, now, freed)
+        self._set_lanes(plan, replan_lanes(plan, now, done))
 
     def seed(self, record: ModelRecord) -> None:
         super().seed(record)

@@ -10,8 +10,8 @@ import hashlib
 import itertools
 import math
 
+from broker.fifo import FifoLruScheduler
 from broker.registry import ModelRecord
-from broker.scheduler import FifoLruScheduler
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from mtcore import actions as wire
 from mtcore.protocol import TensorDesc

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.scheduler import EXPIRE_PERIOD, PIPELINE_DEPTH, FifoLruScheduler, WorkerPlan
+from broker.fifo import EXPIRE_PERIOD, PIPELINE_DEPTH, FifoLruScheduler
+from broker.scheduler import WorkerPlan
 from broker.scheduler import make_scheduler as scheduler_named
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from mtcore.errors import DeadlineUnmeetable, LoadFailed, Overloaded, Status
