@@ -25,6 +25,7 @@ import zmq
 
 from broker.broker import Broker
 from broker.registry import ModelRecord
+from mtcore.actions import InferResult, LoadModelResult, RequestResult
 from mtcore.config import BrokerConfig
 from mtcore.protocol import (
     TAG,
@@ -65,22 +66,15 @@ class FakeWorker:
             h = msg.header
             if msg.cmd is WCmd.INFER:
                 results = [
-                    [rid, 0, None, [["output", *d[1:]] for d in descs]]
+                    RequestResult(rid, 0, None, [["output", *d[1:]] for d in descs])
                     for rid, descs in h["requests"]
                 ]
-                header = {
-                    "action": h["action"],
-                    "sha256": h["sha256"],
-                    "status": 0,
-                    "results": results,
-                    "timing": {},
-                }
-                send_frames(self.sock, build(WORKER_TAG, WCmd.INFER, header, msg.payload))
+                result = InferResult(h["action"], h["sha256"], results=results)
+                send_frames(self.sock, build(WORKER_TAG, WCmd.INFER, result.to_header(),
+                                             msg.payload))  # fmt: skip
             elif msg.cmd is WCmd.LOAD_MODEL:
-                send_frames(
-                    self.sock,
-                    build(WORKER_TAG, WCmd.LOAD_MODEL, {"action": h["action"], "status": 0}),
-                )
+                loaded = LoadModelResult(h["action"], h["sha256"], tier="host")
+                send_frames(self.sock, build(WORKER_TAG, WCmd.LOAD_MODEL, loaded.to_header()))
 
 
 def measure_broker(requests: int, window: int, max_batch: int) -> dict[str, Any]:
