@@ -395,21 +395,26 @@ class PredictiveScheduler(QueueScheduler):
         if self._warm:
             actions.extend(self._warm_up(now))
         self._unpark(now)
+        tried: set[str] = set()  # queues the latency objective already tried this pass
         while self._any_free(now):
-            popped = self._next_head(now)
+            popped = self._next_head(now, tried)
             if popped is None:
                 break
             entry, sha, head = popped
+            tried.add(sha)
             placed = self._dispatch(sha, head, now)
             if isinstance(placed, WorkerPlan):  # its worker is busy beyond the look-ahead
                 heapq.heappush(self._waiting.setdefault(placed.worker.wid, []), entry)
                 continue
             actions.extend(placed)
             self._push_head(sha)
-        if (self._order or self._waiting) and self._by_lane:
-            # work waits for a worker: wake when the first one frees within the look-ahead
-            # (one free already but full of INFERs wakes us with its result)
-            first = self._by_lane[0][0] - self.lookahead_s
+        # Work waits for workers: wake when the first of them frees within the look-ahead
+        # (one free already but full of INFERs wakes us with its result).
+        waits_on = [self.plans[w] for w in self._waiting if w in self.plans]
+        if self._order and self._by_lane:
+            waits_on.append(self.plans[self._by_lane[0][1]])
+        for plan in waits_on:
+            first = min(plan.lanes) - self.lookahead_s
             if first > now:
                 self._due = min(self._due, first)
         return actions
@@ -449,22 +454,27 @@ class PredictiveScheduler(QueueScheduler):
                 return True
         return False
 
-    def _next_head(self, now: float) -> tuple[tuple[Any, ...], str, PendingRequest] | None:
+    def _next_head(
+        self, now: float, tried: set[str]
+    ) -> tuple[tuple[Any, ...], str, PendingRequest] | None:
         popped = self._pop_head()
         if popped is None or self.objective != "latency" or popped[0][0][0] == 0:
             return popped
         # Latency objective: among requests without a deadline, the shortest predicted
-        # run per waiting request goes first (the oldest, once one has starved).
+        # run per waiting request goes first (the oldest, once one has starved); each
+        # queue once per pass, so a pass whose workers are all busy ends.
         heapq.heappush(self._order, popped[0])
-        sha = self._shortest_per_request(now)
+        sha = self._shortest_per_request(now, tried)
         head = self._head(sha) if sha else None
         if head is None:
             return None
         return ((1, head.arrival), next(self._seq), sha, head.rid), sha, head
 
-    def _shortest_per_request(self, now: float) -> str | None:
+    def _shortest_per_request(self, now: float, skip: set[str]) -> str | None:
         best, best_key = None, (math.inf, math.inf)
         for sha in list(self.queues):
+            if sha in skip:
+                continue
             head = self._head(sha)
             if head is None or head.deadline != math.inf:
                 continue

@@ -569,3 +569,19 @@ def test_a_long_run_never_takes_the_last_free_executor() -> None:
     s.add_request(urgent, now=1 * MS)
     (infer,) = infers(s.schedule(now=1 * MS))  # the free executor takes it at once
     assert infer.requests == [urgent] and not infer.long
+
+
+def test_latency_objective_ends_a_pass_when_its_workers_are_busy() -> None:
+    a, b = make_model("a", profile={1: 5_000.0}), make_model("b", profile={1: 1_000.0})
+    for m in (a, b):
+        m.measurements = {"build_us": [50_000], "prepare_us": 0}  # a load elsewhere: 50 ms
+    w0, w1 = make_worker("w0"), make_worker("w1")
+    s = scheduler(w0, w1, objective="latency")
+    s.seed(a)
+    s.seed(b)
+    hold(s, w0, a, b)
+    busy_until(s, w0, 10 * MS)  # the holder frees in 10 ms: better than w1 after a load
+    for r in make_requests(a, 2) + make_requests(b, 2):
+        s.add_request(r, now=0.0)
+    assert s.schedule(now=0.0) == []  # each queue tried once, then the pass ends
+    assert s.queued() == 4 and s.next_wakeup(now=0.0) == pytest.approx(10 * MS - LOOKAHEAD_S)
