@@ -174,7 +174,6 @@ class Outcome:
     unanswered: int = 0
     cpu_s: float = 0.0  # seconds inside scheduler calls
     within_prediction: float | None = None
-    loads: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
     def row(self, seconds: float) -> dict[str, Any]:
@@ -193,7 +192,7 @@ class Outcome:
             "goodput_rps": self.within / seconds,
             "sched_requests_per_cpu_s": self.offered / self.cpu_s if self.cpu_s else None,
             "within_prediction": self.within_prediction,
-            "loads": self.loads,
+            "loads": self.counters.get("loads", 0),
             "counters": self.counters,
         }
 
@@ -309,7 +308,6 @@ def simulate(
     out.unanswered = len(broker.pending)
     out.cpu_s = broker.cpu
     out.within_prediction = sched.predictor.within_share
-    out.loads = sched.counters["loads"]
     out.counters = dict(sched.counters)
     return out
 

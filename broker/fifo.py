@@ -69,7 +69,9 @@ class FifoLruScheduler(QueueScheduler):
                 waiting.append(entry)
                 continue
             batch = self._take_batch(sha)
-            actions.extend(self._place(plan, model, batch, now))
+            us = self.predictor.exec_us(sha, plan.worker.kind, sum(r.batch for r in batch))
+            latest = min(r.deadline for r in batch)
+            actions.extend(self._place(plan, model, batch, now, (us or 0.0) / 1e6, latest))
             self._push_head(sha)
         for entry in waiting:
             heapq.heappush(self._order, entry)

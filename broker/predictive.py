@@ -596,14 +596,13 @@ class PredictiveScheduler(QueueScheduler):
         start: float,
         now: float,
     ) -> list[Action]:
-        actions = self._place(plan, model, batch, now)
         rows = sum(r.batch for r in batch)
         run = self.exec_s(model, rows, plan.worker.kind)
+        latest = min(r.deadline for r in batch) - run  # the latest it may start
+        actions = self._place(plan, model, batch, now, run, latest)
         infer = actions[-1]
-        infer.expected_duration = run
         infer.start = start
         infer.long = self.is_long(model)
-        infer.latest = min(r.deadline for r in batch) - run  # the latest it may start
         lanes = list(plan.lanes)
         lanes[first_lane(lanes, infer.long)] = start + run
         self._set_lanes(plan, lanes)

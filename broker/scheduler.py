@@ -478,19 +478,25 @@ class QueueScheduler(Scheduler):
         return None
 
     def _place(
-        self, plan: WorkerPlan, model: ModelRecord, batch: list[PendingRequest], now: float
+        self,
+        plan: WorkerPlan,
+        model: ModelRecord,
+        batch: list[PendingRequest],
+        now: float,
+        run: float,
+        latest: float,
     ) -> list[Action]:
-        """UNLOADs and a LOAD if the model is not on the worker, then the INFER."""
+        """UNLOADs and a LOAD if the model is not on the worker, then the INFER, predicted
+        to take `run` seconds and to start by `latest` (the policy decides both)."""
         sha = model.sha256
         actions = [] if sha in plan.loaded else self._load(plan, model, now)
         plan.loaded.move_to_end(sha)
         plan.last_used[sha] = now
         for request in batch:
             request.dispatched = now
-        latest = min(r.deadline for r in batch)
-        infer = Action(ActionKind.INFER, plan.worker, sha, batch, latest=latest)
-        us = self.predictor.exec_us(sha, plan.worker.kind, sum(r.batch for r in batch))
-        infer.expected_duration = (us or 0.0) / 1e6  # the predictive scheduler refines it
+        infer = Action(
+            ActionKind.INFER, plan.worker, sha, batch, expected_duration=run, latest=latest
+        )
         plan.track(infer)
         actions.append(infer)
         return actions
