@@ -53,7 +53,7 @@ class Tally:
         )
 
 
-async def run_load(address: str, tally: Tally) -> None:
+async def run_load(address: str, key: Path, tally: Tally) -> None:
     rng = random.Random(0)
     names, weights = list(MIX), list(MIX.values())
     inputs = {n: zoo.sample_inputs(n, 1) for n in names}
@@ -80,7 +80,7 @@ async def run_load(address: str, tally: Tally) -> None:
             sys.stdout.flush()
             await asyncio.sleep(0.5)
 
-    async with AsyncClient(address, tenant="demo", timeout=60) as ac:
+    async with AsyncClient(address, key_file=key, timeout=60) as ac:
         ticker = asyncio.ensure_future(show())
         await asyncio.gather(*(one_client(ac) for _ in range(CONCURRENCY)))
         ticker.cancel()
@@ -116,7 +116,9 @@ def main() -> int:
     print("mtserve demo: starting a broker and 2 workers on loopback ...")
     with LocalCluster(STATE, workers=2, memory_mb=512) as cluster:
         print(f"  tenants connect to {cluster.address}; logs in {cluster.log_dir}")
-        with Client(cluster.address, tenant="demo") as client:
+        key = cluster.add_principal("demo")  # CURVE: the tenant is whoever holds this key
+        print(f"  tenant 'demo' authenticates with CURVE key {key}")
+        with Client(cluster.address, key_file=key) as client:
             for name in MIX:
                 start = time.perf_counter()
                 info = client.upload_model(name, zoo.model_bytes(name))
@@ -130,9 +132,9 @@ def main() -> int:
             f"or {MAX_SECONDS:.0f} s, mix {MIX}"
         )
         tally = Tally()
-        asyncio.run(run_load(cluster.address, tally))
+        asyncio.run(run_load(cluster.address, key, tally))
         print_table(tally)
-        with Client(cluster.address, tenant="demo") as client:
+        with Client(cluster.address, key_file=cluster.admin_key) as client:  # operator view
             for w in client.status()["workers"]:
                 print(
                     f"  {w['name']}: {w['models_live']} models live, "

@@ -48,7 +48,11 @@ def measure(models: dict[str, int], rounds: int = 3) -> list[dict[str, Any]]:
     with (
         tempfile.TemporaryDirectory() as state,
         LocalCluster(
-            state, workers=1, threads=os.cpu_count() or 1, broker_args=["--profile-batches", "1"]
+            state,
+            workers=1,
+            threads=os.cpu_count() or 1,
+            broker_args=["--profile-batches", "1"],
+            secure=False,  # like the in-process baseline: plain sockets
         ) as cluster,
         Client(cluster.address, tenant="bench") as client,
     ):

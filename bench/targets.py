@@ -205,6 +205,7 @@ class MtserveTarget(_RemoteTarget):
             threads=self.threads,
             broker_args=broker_args,
             worker_args=["--spin-us", str(self.spin_us), "--exec-threads", str(self.exec_threads)],
+            secure=False,  # like the baselines it is compared with: plain sockets
         )
         try:
             self.cluster.start()

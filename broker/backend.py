@@ -7,10 +7,17 @@ the verbs below (`submit`, `dispatch`, `queued`, `start_profile`, `profiling`,
 `model_in_use`, `forget_model`, `describe_workers`). What each worker holds, runs and will
 be free, retries, and learning from results belong to the scheduler (`broker.scheduler`).
 
-A worker registers with READY (a second READY from the same process replaces the first),
-is heard from at least every heartbeat interval and is lost after `heartbeat_liveness`
-of silence, on DISCONNECT, or when it registers again. Every action sent (but UNLOAD,
-which needs no answer) waits in `actions` until its result comes back under the same id
+A worker registers with READY (a second READY from the same process replaces the first).
+On a secure broker it is whoever its CURVE key belongs to: a `worker` principal (the ZAP
+handler admits no other role on this socket); its name is the principal's (or
+`principal:name` for one of several workers sharing a key, as the simulated ones do), the
+same name registering again replaces the old registration, and a key removed or rotated
+ends its registration at the next tick. In insecure mode a name held by a live worker is
+refused. A worker may fetch only the bytes of a model it was sent an action for, and a
+result counts only from the worker its action went to. A worker is heard from at least
+every heartbeat interval and is lost after `heartbeat_liveness` of silence, on
+DISCONNECT, or when it registers again. Every action sent (but UNLOAD, which needs no
+answer) waits in `actions` until its result comes back under the same id
 from the worker it was sent to, the worker is lost, or `action_timeout` passes; the
 scheduler then decides what happens to its requests (queued once more if their deadline
 allows, else answered WORKER_LOST).
@@ -63,7 +70,7 @@ class Backend:
 
     # ------------------------------------------------------------------ messages in
 
-    def on_worker_message(self: Broker, frames: list[Any]) -> None:
+    def on_worker_message(self: Broker, frames: list[Any], user_id: str | None = None) -> None:
         try:
             envelope, body = split_envelope(frames)
             msg = parse_body(body, WORKER_TAG, WCmd, self.worker_limits)
@@ -73,8 +80,12 @@ class Backend:
             return
         wid = frame_bytes(envelope[0])
         now = time.monotonic()
+        principal = self.worker_principal(user_id)
+        if principal is None:  # its key was removed or rotated after the handshake
+            self.refuse_worker(wid, "this connection's worker key is no longer registered")
+            return
         if msg.cmd is WCmd.READY:
-            self.on_worker_ready(wid, msg, now)
+            self.on_worker_ready(wid, msg, now, principal)
             return
         worker = self.workers.get(wid)
         if worker is None:  # e.g. it was declared lost, or we restarted: make it re-register
@@ -91,21 +102,53 @@ class Backend:
         else:
             self.on_action_result(worker, msg, now)
 
-    def on_worker_ready(self: Broker, wid: bytes, msg: Message, now: float) -> None:
+    def worker_principal(self: Broker, user_id: str | None) -> str | None:
+        """The worker principal behind a key ("" in insecure mode); None if not one."""
+        if self.principals is None:
+            return ""
+        principal = self.principals.by_key.get(user_id) if user_id else None
+        return principal.name if principal is not None and principal.role == "worker" else None
+
+    def refuse_worker(self: Broker, wid: bytes, why: str) -> None:
+        """Tell a peer it may not be a worker; it must not simply register again."""
+        self.counters["workers_refused"] += 1
+        worker = self.workers.get(wid)
+        if worker is not None:
+            self.lose_worker(worker, why)
+        log.warning("refused a worker connection: %s", why)
+        self.send_worker(wid, WCmd.DISCONNECT, {"reason": why, "refused": True})
+
+    def revoke_workers(self: Broker) -> None:
+        """After the principals changed: end registrations whose key no longer holds."""
+        for worker in list(self.workers.values()):
+            if worker.key_owner and worker.key_owner not in self.principals.by_name:
+                self.refuse_worker(worker.wid, f"worker key of '{worker.key_owner}' was removed")
+
+    def on_worker_ready(
+        self: Broker, wid: bytes, msg: Message, now: float, principal: str = ""
+    ) -> None:
         h = msg.header
         incarnation = str(h.get("incarnation", ""))
+        name = str(h.get("name", ""))[:128]
+        if principal:  # secure: the key names the worker
+            name = principal if name in ("", principal) else f"{principal}:{name}"
         for old in list(self.workers.values()):  # the same process on a new socket, or again
-            if old.wid == wid or (incarnation and old.incarnation == incarnation):
+            same_name = old.name == name and old.wid != wid
+            if same_name and not principal:
+                self.refuse_worker(wid, f"a live worker is already named '{name}'")
+                return
+            if old.wid == wid or same_name or (incarnation and old.incarnation == incarnation):
                 self.lose_worker(old, "it registered again")
         worker = WorkerState(
             wid,
-            str(h.get("name", "")),
+            name,
             str(h.get("kind", "cpu")),
             int(h.get("memory_budget", 0)),
             now,
             lanes=max(1, int(h.get("exec_threads", 1) or 1)),
             incarnation=incarnation,
         )
+        worker.key_owner = principal
         self.workers[wid] = worker
         self.scheduler.add_worker(worker, now)
         ready = {
@@ -132,7 +175,10 @@ class Backend:
     def on_fetch_model(self: Broker, worker: WorkerState, msg: Message) -> None:
         sha = str(msg.header.get("sha256", ""))
         store = self.registry.store
-        if not SHA256_HEX.fullmatch(sha) or not store.has(sha):
+        sent = any(a.worker is worker and a.sha256 == sha for a in self.actions.values())
+        if not sent:  # a model's bytes go only to a worker told to load or run it
+            self.counters["worker_fetch_refused"] += 1
+        if not sent or not SHA256_HEX.fullmatch(sha) or not store.has(sha):
             self.send_worker(
                 worker.wid,
                 WCmd.FETCH_MODEL,
@@ -156,6 +202,8 @@ class Backend:
             return
         action = self.actions.get(result.action)
         if action is None or action.worker is not worker or result.sha256 != action.sha256:
+            if action is not None:  # another worker's action: never this worker's to answer
+                self.counters["worker_forged"] += 1
             return  # late result of an action we gave up on, or not ours at all
         del self.actions[action.id]
         if result.tiers is not None:

@@ -39,18 +39,21 @@ from typing import Any
 
 import zmq
 
+from broker.auth import ZapHandler
 from broker.backend import Backend
 from broker.commits import Commits
 from broker.frontend import Frontend
+from broker.principals import Principals, broker_key
 from broker.registry import Registry
 from broker.state import PendingRequest
 from broker.status import StatusReport
 from broker.uploads import Uploads
 from ext import RequestTable
 from mtcore.config import BrokerConfig
-from mtcore.errors import InternalError, MTError, ShuttingDown
+from mtcore.errors import DeadlineExpired, InternalError, MTError, ShuttingDown
+from mtcore.keys import KeyFile
 from mtcore.protocol import TAG, Cmd, Limits, encode_header
-from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
+from mtcore.transport import NOBLOCK, make_socket, recv_from, send_frames
 
 log = logging.getLogger("mtserve.broker")
 
@@ -76,12 +79,23 @@ class Broker(Frontend, Commits, Backend, StatusReport):
             max_header_bytes=16 * config.limits.max_header_bytes,
             max_frames=65536,
         )
-        self.frontend = self._bind(config.frontend, self.limits.max_frame_bytes)  # tenants
-        self.backend = self._bind(config.backend, self.worker_limits.max_frame_bytes)  # workers
-        self.poller = zmq.Poller()  # both sockets, for `turn`
+        self.registry = Registry(config.state_dir)  # models: SQLite + blobs
+        # Secure (the default): CURVE on both sockets, keys checked by the ZAP handler,
+        # which must be bound before them. Insecure: neither, by the operator's choice.
+        self.principals: Principals | None = None
+        self.zap: ZapHandler | None = None
+        self.server_key: KeyFile | None = None
+        if not config.insecure:
+            self.principals = Principals(self.registry.db)
+            self.zap = ZapHandler(self.ctx, self.principals)
+            self.server_key = broker_key(config.state_dir)
+        self.frontend = self._bind(config.frontend, self.limits.max_frame_bytes, "tenant")
+        self.backend = self._bind(config.backend, self.worker_limits.max_frame_bytes, "worker")
+        self.poller = zmq.Poller()  # the sockets `turn` waits on
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
-        self.registry = Registry(config.state_dir)  # models: SQLite + blobs
+        if self.zap is not None:
+            self.poller.register(self.zap.sock, zmq.POLLIN)
         self.uploads = Uploads(config.state_dir / "uploads", config.max_model_bytes)
         self.pending = RequestTable()  # rid -> PendingRequest, until answered
         self.pending_bytes = 0  # input bytes those requests hold
@@ -98,11 +112,13 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         self.init_commits()  # validator, commits in progress, blobs to collect
         self.init_frontend()  # handlers, request ids
 
-    def _bind(self, address: str, max_frame: int) -> zmq.Socket:
+    def _bind(self, address: str, max_frame: int, domain: str) -> zmq.Socket:
         sock = make_socket(self.ctx, zmq.ROUTER)
         # A frame far over the limit is not worth reading to answer TOO_LARGE: ZeroMQ
         # drops that connection instead, before buffering the frame.
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * max_frame)
+        if self.server_key is not None:
+            self.server_key.apply_server(sock, domain)
         sock.bind(address)
         return sock
 
@@ -113,6 +129,13 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         log.info(
             "broker serving tenants on %s, workers on %s", self.config.frontend, self.config.backend
         )
+        if self.config.insecure:
+            log.warning(
+                "INSECURE MODE: no authentication. Any peer that reaches %s can act as any "
+                "tenant (the `tenant` header field is trusted) and any peer that reaches %s "
+                "can register as a worker. Use it only on loopback, for tests and demos.",
+                self.config.frontend, self.config.backend,
+            )  # fmt: skip
         try:
             while not self._stopping:
                 now = time.monotonic()
@@ -139,6 +162,8 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         events = dict(self.poller.poll(timeout_ms))
         if events and self._spin_s:
             self._spin_until = time.monotonic() + self._spin_s
+        if self.zap is not None and self.zap.sock in events:
+            self.zap.handle_all()  # handshakes: before the messages they let in
         if self.backend in events:
             self._drain(self.backend, self.on_worker_message, BACKEND_BATCH)
         if self.frontend in events:
@@ -151,14 +176,16 @@ class Broker(Frontend, Commits, Backend, StatusReport):
             self._next_tick = now + TICK
         self.dispatch(now)
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None], limit: int) -> None:
+    def _drain(
+        self, sock: zmq.Socket, handle: Callable[[list[Any], str | None], None], limit: int
+    ) -> None:
         for _ in range(limit):
             try:
-                frames = recv_frames(sock, NOBLOCK)
+                user_id, frames = recv_from(sock, NOBLOCK)  # user_id: the sender's key
             except zmq.Again:
                 return
             try:
-                handle(frames)
+                handle(frames, user_id)
             except Exception:  # a bug must not stop the broker; the request was answered
                 log.exception("unhandled error while handling a message")
                 self.counters["internal_errors"] += 1
@@ -171,7 +198,9 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         signal.signal(signal.SIGINT, self.stop)
 
     def tick(self, now: float) -> None:
-        """Housekeeping: lost workers, heartbeats, expiries, garbage blobs."""
+        """Housekeeping: keys changed outside, lost workers, heartbeats, expiries, garbage."""
+        if self.principals is not None and self.principals.refresh():
+            self.revoke_workers()
         self.purge_lost_workers(now)
         self.expire_actions(now)
         self.send_heartbeats(now)
@@ -191,6 +220,8 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         self.pending.close()
         self.frontend.close(linger=100)
         self.backend.close(linger=0)
+        if self.zap is not None:
+            self.zap.close()
 
     # ------------------------------------------------------------------ answers
 
@@ -223,10 +254,14 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         self.answer(request, {"status": int(exc.status), "error": exc.message}, [])
 
     def expire_answers(self, now: float) -> None:
-        """Answer INTERNAL what no worker answered in time (deadline + grace, or lifetime)."""
-        abandoned = InternalError("no answer from a worker in time (deadline + grace, or lifetime)")
+        """Answer what no worker answered in time: DEADLINE_EXPIRED past its deadline and
+        `answer_grace`, INTERNAL past the lifetime of a request without one. A worker that
+        runs late or never answers cannot hold a request longer."""
+        late = DeadlineExpired("no worker answered by the deadline (a worker late or lost)")
+        abandoned = InternalError("no answer from a worker within the request's lifetime")
         for _, request in self.pending.pop_expired(now):
             request.answered = True
             self.cancel(request)  # it may still wait in a queue (no deadline, lifetime over)
             self.pending_bytes -= request.nbytes
-            self.reply_error(request.envelope, Cmd.INFER, request.client_id, abandoned)
+            error = late if request.deadline <= now else abandoned
+            self.reply_error(request.envelope, Cmd.INFER, request.client_id, error)

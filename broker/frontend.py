@@ -32,6 +32,7 @@ from mtcore.errors import (
     ModelNotFound,
     MTError,
     Overloaded,
+    Unauthenticated,
 )
 from mtcore.protocol import (
     TAG,
@@ -70,7 +71,7 @@ class Frontend:
         self.by_command: Counter[Cmd] = Counter()  # tenant requests by command
         self._rids = itertools.count(secrets.randbits(40) << 16)  # request ids (random start)
 
-    def on_client_message(self: Broker, frames: list[Any]) -> None:
+    def on_client_message(self: Broker, frames: list[Any], user_id: str | None = None) -> None:
         self.counters["messages"] += 1
         try:
             envelope, body = split_envelope(frames)
@@ -84,7 +85,8 @@ class Frontend:
             return
         request = None
         try:
-            request = messages.decode(msg.cmd, msg.header, self.limits)  # every field, once
+            identity = self.identify(user_id)
+            request = messages.decode(msg.cmd, msg.header, self.limits, identity)  # once
             self.by_command[msg.cmd] += 1
             self.handlers[msg.cmd](envelope, request, msg.payload)
         except Exception as exc:
@@ -93,6 +95,21 @@ class Frontend:
                 exc = InternalError(f"{type(exc).__name__} in {msg.cmd.name} handler: {exc}")
             client_id = request.id if request is not None else messages.reply_id(msg.header)
             self.reply_error(envelope, msg.cmd, client_id, exc)
+
+    def identify(self: Broker, user_id: str | None) -> messages.Identity | None:
+        """The principal behind a message's key; None in insecure mode (the header names
+        the tenant). A key removed or rotated since its connection's handshake no longer
+        acts: UNAUTHENTICATED."""
+        if self.principals is None:
+            return None
+        principal = self.principals.by_key.get(user_id) if user_id else None
+        if principal is None or principal.role == "worker":
+            self.counters["unauthenticated"] += 1
+            raise Unauthenticated(
+                "this connection's key is not registered (removed or rotated since it "
+                "connected); reconnect with a current key file"
+            )
+        return messages.Identity(principal.name, principal.admin)
 
     def on_ping(
         self: Broker, envelope: list[Any], request: messages.Ping, payload: list[Any]
@@ -173,7 +190,7 @@ class Frontend:
     def on_status(
         self: Broker, envelope: list[Any], request: messages.GetStatus, payload: list[Any]
     ) -> None:
-        info = self.status_info(request.tenant)
+        info = self.status_info(request.tenant, request.admin)
         self.reply(envelope, Cmd.STATUS, {"id": request.id, "status_info": info})
 
     def _model(self: Broker, tenant: str, name: str) -> ModelRecord:

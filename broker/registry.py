@@ -132,6 +132,7 @@ class Registry:
         self.db = sqlite3.connect(state_dir / "registry.sqlite", isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=2000")  # `mtserve tenant` writes from outside
         self.db.executescript(_SCHEMA)
         self._migrate()
         self.models: dict[tuple[str, str], ModelRecord] = {}  # (tenant, name) -> record

@@ -95,6 +95,7 @@ class WorkerState:
     lanes: int = 1  # exec executors: batches it runs at once
     last_sent: float = 0.0  # monotonic time of our last message to it
     incarnation: str = ""  # the worker process's token, the same across its reconnects
+    key_owner: str = ""  # secure broker: the worker principal whose key it connected with
     tiers: TierReport | None = None  # its tiers as of its latest result or heartbeat
     host_models: frozenset[str] = frozenset()  # `tiers.host_models`, as a set
     restarts: int = 0  # executor threads it found dead and replaced

@@ -1,8 +1,9 @@
 """What STATUS answers: `status_info`, read from every part of the broker.
 
 `StatusReport` is mixed into `broker.broker.Broker` (see its docstring for why mixins).
-A tenant sees counts only: workers' loads and memory, never another tenant's models.
-The keys are documented in docs/PROTOCOL.md.
+A tenant sees its own figures only (`tenant_view`); an admin key (and every peer of an
+insecure broker, which trusts everyone) sees the whole broker: workers, queues,
+counters. The keys are documented in docs/PROTOCOL.md.
 """
 
 from __future__ import annotations
@@ -22,13 +23,29 @@ TIERS = ("device", "host", "cold")  # where a worker can find a model it loads
 class StatusReport:
     """STATUS's `status_info` (a `Broker` mixin)."""
 
-    def status_info(self: Broker, tenant: str) -> dict[str, Any]:
+    def status_info(self: Broker, tenant: str, admin: bool) -> dict[str, Any]:
+        return self.broker_view(tenant) if admin else self.tenant_view(tenant)
+
+    def tenant_view(self: Broker, tenant: str) -> dict[str, Any]:
+        """What one tenant may know: the server, and its own models and uploads."""
+        return {
+            "server": f"mtserve {VERSION}",
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "tenant": tenant,
+            "tenant_models": len(self.registry.list(tenant)),
+            "uploads_in_progress": self.uploads.count(tenant),
+        }
+
+    def broker_view(self: Broker, tenant: str) -> dict[str, Any]:
+        """The operator's view: every worker and counter, all tenants together."""
         answered = {str(status): count for status, count in self.answered.items()}
         return {
             "server": f"mtserve {VERSION}",
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
             "scheduler": self.config.scheduler,
+            "secure": self.principals is not None,
+            "tenant": tenant,
             "workers": self.describe_workers(),
             "models": self.registry.count(),
             "tenant_models": len(self.registry.list(tenant)),
@@ -40,6 +57,13 @@ class StatusReport:
             "evictions": self.counters["evictions"],  # UNLOAD actions sent to workers
             "internal_errors": self.counters["internal_errors"],  # bugs caught by the loop
             "worker_malformed": self.counters["worker_malformed"],  # worker messages dropped
+            "security": {  # refused: handshakes, messages, registrations, fetches, results
+                "handshakes_refused": self.zap.counts["refused"] if self.zap else 0,
+                "unauthenticated": self.counters["unauthenticated"],
+                "workers_refused": self.counters["workers_refused"],
+                "worker_fetch_refused": self.counters["worker_fetch_refused"],
+                "worker_forged": self.counters["worker_forged"],
+            },
             "actions_expired": self.counters["actions_expired"],  # never answered: given up
             "loads_by_tier": {  # successful LOADs by where the worker found the model
                 tier: self.counters[f"loads_from_{tier}"] for tier in TIERS

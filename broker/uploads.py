@@ -100,6 +100,10 @@ class Uploads:
         self.held[handle] = upload
         return upload
 
+    def count(self, tenant: str) -> int:
+        """Uploads of `tenant` still receiving chunks."""
+        return sum(u.tenant == tenant for u in self.active.values())
+
     def get(self, tenant: str, handle: str) -> Upload:
         upload = self.active.get(handle)
         if upload is None or upload.tenant != tenant:

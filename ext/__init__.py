@@ -20,7 +20,8 @@ Modules:
 - `_reqtable`: `RequestTable`, the broker's table of in-flight requests (uint64 request id
   -> deadline and value), touched twice per request.
 - `_frames`: `recv_frames` and `send_frames`, multipart messages straight on libzmq,
-  twice per message on every socket of the hot path.
+  twice per message on every socket of the hot path; `recv_from`, the same receive with
+  the sender's authenticated User-Id.
 - `_codec`: `decode_header` and `encode_header`, the msgpack header of every message;
   the twin (msgpack itself) is the reference the C path falls back to.
 - `_pages`: `PagePool` and `Allocation`, the page allocator behind the worker's host
@@ -48,6 +49,7 @@ __all__ = [
     "decode_header",
     "encode_header",
     "recv_frames",
+    "recv_from",
     "send_frames",
 ]
 
@@ -77,6 +79,7 @@ _actiontable = _choose("_actiontable")
 
 RequestTable = _reqtable.RequestTable
 recv_frames = _frames.recv_frames
+recv_from = _frames.recv_from
 send_frames = _frames.send_frames
 decode_header = _codec.decode_header
 encode_header = _codec.encode_header

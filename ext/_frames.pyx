@@ -59,6 +59,7 @@ ctypedef int (*msg_pair_fn)(zmq_msg_t *dest, zmq_msg_t *src) noexcept nogil
 ctypedef void *(*msg_data_fn)(zmq_msg_t *msg) noexcept nogil
 ctypedef size_t (*msg_len_fn)(const zmq_msg_t *msg) noexcept nogil
 ctypedef int (*errno_fn)() noexcept nogil
+ctypedef const char *(*msg_gets_fn)(const zmq_msg_t *msg, const char *prop) noexcept nogil
 
 cdef msg_fn _msg_init
 cdef msg_size_fn _msg_init_size
@@ -71,6 +72,7 @@ cdef msg_data_fn _msg_data
 cdef msg_len_fn _msg_size
 cdef msg_fn _msg_more
 cdef errno_fn _errno
+cdef msg_gets_fn _msg_gets
 
 
 cdef void *_symbol(void *lib, bytes name) except NULL:
@@ -82,7 +84,7 @@ cdef void *_symbol(void *lib, bytes name) except NULL:
 
 cdef _bind_libzmq():
     global _msg_init, _msg_init_size, _msg_recv, _msg_send, _msg_close, _msg_copy
-    global _msg_move, _msg_data, _msg_size, _msg_more, _errno
+    global _msg_move, _msg_data, _msg_size, _msg_more, _errno, _msg_gets
     # pyzmq's own extension: dlsym through its handle searches it, then the libraries it
     # links, so this finds the libzmq pyzmq uses even when another one is loaded too.
     path = _pyzmq_backend.__file__.encode()
@@ -100,6 +102,7 @@ cdef _bind_libzmq():
     _msg_size = <msg_len_fn>_symbol(lib, b"zmq_msg_size")
     _msg_more = <msg_fn>_symbol(lib, b"zmq_msg_more")
     _errno = <errno_fn>_symbol(lib, b"zmq_errno")
+    _msg_gets = <msg_gets_fn>_symbol(lib, b"zmq_msg_gets")
 
 
 _bind_libzmq()
@@ -127,8 +130,13 @@ cdef int _interrupted(zmq_msg_t *msg) except -1:
     return 0
 
 
-cdef object _recv_one(void *handle, int flags, bint *more):
-    """One frame: bytes if small, else a zmq.Frame owning the message."""
+cdef object _recv_one(void *handle, int flags, bint *more, list peer=None):
+    """One frame: bytes if small, else a zmq.Frame owning the message.
+
+    With `peer`, also appends the message's User-Id property to it (set by the ZAP
+    handler that authenticated the connection), or None on a connection without one.
+    """
+    cdef const char *prop
     cdef zmq_msg_t msg
     cdef int rc, err
     cdef size_t size
@@ -148,6 +156,9 @@ cdef object _recv_one(void *handle, int flags, bint *more):
             _raise_zmq(err)
         _interrupted(&msg)  # then try again
     more[0] = _msg_more(&msg) != 0
+    if peer is not None:
+        prop = _msg_gets(&msg, b"User-Id")
+        peer.append(prop.decode("utf-8", "replace") if prop != NULL else None)
     size = _msg_size(&msg)
     if <Py_ssize_t>size < _recv_copy_below:
         try:
@@ -183,6 +194,28 @@ def recv_frames(Socket sock, int flags=0):
             _discard_rest(handle)
         raise
     return frames
+
+
+def recv_from(Socket sock, int flags=0):
+    """`recv_frames`, and who sent it: `(user_id, frames)`.
+
+    `user_id` is the User-Id the ZAP handler gave the sender's connection (mtserve's is
+    the sender's CURVE public key), None for a connection no handler authenticated.
+    """
+    cdef bint more = False
+    cdef list peer = []
+    cdef void *handle = sock.handle
+    if sock._closed:
+        raise zmq.ZMQError(zmq.ENOTSOCK)
+    frames = [_recv_one(handle, flags, &more, peer)]
+    try:
+        while more:
+            frames.append(_recv_one(handle, 0, &more))
+    except BaseException:
+        if more:
+            _discard_rest(handle)
+        raise
+    return peer[0], frames
 
 
 cdef void _discard_rest(void *handle) noexcept:
@@ -230,11 +263,13 @@ cdef int _send_frame(void *handle, Frame frame, int flags) except -1:
     return _send_msg(&msg, handle, flags)
 
 
-def send_frames(Socket sock, frames):
+def send_frames(Socket sock, frames, int first_flags=0):
     """Send one multipart message: bytes, zmq.Frame or any buffer per frame.
 
     Every frame is checked before the first is sent, so a bad one raises TypeError
-    without leaving part of a message on the socket.
+    without leaving part of a message on the socket. `first_flags` go with the first
+    frame only: NOBLOCK there makes a ROUTER_MANDATORY socket raise zmq.Again, with
+    nothing sent, when the peer's queue is full (a ROUTER decides at the routing frame).
     """
     cdef Py_ssize_t i, last = len(frames) - 1
     cdef int flags
@@ -251,6 +286,8 @@ def send_frames(Socket sock, frames):
     for i in range(last + 1):
         frame = ready[i]
         flags = ZMQ_SNDMORE if i < last else 0
+        if i == 0:
+            flags |= first_flags
         if type(frame) is bytes and PyBytes_GET_SIZE(frame) < _send_copy_below:
             _send_bytes(handle, <bytes>frame, flags)
         elif isinstance(frame, Frame):

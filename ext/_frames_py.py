@@ -46,6 +46,29 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
     return frames
 
 
+def recv_from(sock: zmq.Socket, flags: int = 0) -> tuple[str | None, list[Any]]:
+    """`recv_frames`, and who sent it: `(user_id, frames)`.
+
+    `user_id` is the User-Id the ZAP handler gave the sender's connection (mtserve's is
+    the sender's CURVE public key), None for a connection no handler authenticated.
+    """
+    if sock.closed:
+        raise zmq.ZMQError(zmq.ENOTSOCK)
+    first = _recv(sock, flags, False)
+    try:
+        user_id = first.get("User-Id")
+    except zmq.ZMQError:
+        user_id = None
+    frames: list[Any] = [first.bytes if len(first) < RECV_COPY_BELOW else first]
+    if first.more:
+        try:
+            frames += recv_frames(sock, 0)
+        except BaseException:
+            _discard_rest(sock)
+            raise
+    return user_id, frames
+
+
 def _discard_rest(sock: zmq.Socket) -> None:
     more = True
     while more:
@@ -55,11 +78,13 @@ def _discard_rest(sock: zmq.Socket) -> None:
             return
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], first_flags: int = 0) -> None:
     """Send one multipart message: bytes, zmq.Frame or any buffer per frame.
 
     Every frame is checked before the first is sent, so a bad one raises TypeError
-    without leaving part of a message on the socket.
+    without leaving part of a message on the socket. `first_flags` go with the first
+    frame only: NOBLOCK there makes a ROUTER_MANDATORY socket raise zmq.Again, with
+    nothing sent, when the peer's queue is full (a ROUTER decides at the routing frame).
     """
     if sock.closed:
         raise zmq.ZMQError(zmq.ENOTSOCK)
@@ -73,4 +98,5 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
             copies.append(memoryview(frame).nbytes < SEND_COPY_BELOW)
     last = len(frames) - 1
     for i, (frame, copy) in enumerate(zip(frames, copies, strict=True)):
-        _send(sock, frame, _SNDMORE if i < last else 0, copy)
+        flags = (_SNDMORE if i < last else 0) | (first_flags if i == 0 else 0)
+        _send(sock, frame, flags, copy)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mtcore.client import DEFAULT_ADDRESS, Client
+from mtcore.client import Client
 from mtcore.errors import MTError
+from mtcore.keys import KeyFileError
+from mtcore.tenant_cli import add_tenant_parser
 
 MIB = 1024 * 1024
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except MTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -52,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
         "--host-memory-mb", type=int, default=4096, help="host tier per worker: weights in pages"
     )
     add_scheduler_arguments(up)
+    add_insecure_argument(up)
     up.set_defaults(run=cmd_up)
 
     b = sub.add_parser("broker", help="run the broker (frontend + controller + backend)")
@@ -67,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-pending-mb", type=int, default=2048, help="input bytes held, all tenants")
     b.add_argument("--profile-batches", default="1,2,4,8,16,32")
     add_scheduler_arguments(b)
+    add_insecure_argument(b)
     b.add_argument(
         "--spin-us",
         type=int,
@@ -78,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run one worker")
     w.add_argument("--backend", default="tcp://127.0.0.1:5556")
     w.add_argument("--name", default="")
+    w.add_argument("--key-file", default="", help="this worker's secret key (CURVE)")
     w.add_argument("--memory-mb", type=int, default=1024, help="device tier: runnable sessions")
     w.add_argument(
         "--host-memory-mb", type=int, default=4096, help="host tier: the page pool for weights"
@@ -112,8 +117,17 @@ def parser() -> argparse.ArgumentParser:
         ("delete", cmd_delete, "delete a model"),
     ):
         c = sub.add_parser(name, help=text)
-        c.add_argument("--address", default=DEFAULT_ADDRESS)
-        c.add_argument("--tenant", default=None)
+        c.add_argument(
+            "--address", default=None, help="the broker (default: the key file's, or port 5555)"
+        )
+        c.add_argument(
+            "--key-file",
+            default=os.environ.get("MTSERVE_KEY_FILE") or _default_key(),
+            help="your secret key file (default: $MTSERVE_KEY_FILE, else "
+            "state/keys/default.key_secret if it exists)",
+        )
+        c.add_argument("--tenant", default=None, help="insecure brokers only: the tenant name")
+        c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
         c.set_defaults(run=fn)
         if name in ("upload", "infer", "delete"):
             c.add_argument("model", help="model name")
@@ -125,7 +139,23 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
             c.add_argument("--batch", type=int, default=1, help="rows of random input")
             c.add_argument("--deadline-ms", type=float, default=None)
+    add_tenant_parser(sub)
     return p
+
+
+def _default_key() -> str | None:
+    """The key `mtserve up` writes for its default tenant, when run from the same place."""
+    path = Path("state") / "keys" / "default.key_secret"
+    return str(path) if path.exists() else None
+
+
+def add_insecure_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no CURVE: any peer may connect and name any tenant in its header, any process"
+        " may register as a worker. Tests and loopback demos only",
+    )
 
 
 def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,10 +186,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         memory_mb=args.memory_mb,
         host_memory_mb=args.host_memory_mb,
         broker_args=["--scheduler", args.scheduler, "--objective", args.objective],
+        secure=not args.insecure,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with cluster:
         print(f"mtserve up: {args.workers} worker(s); tenants connect to {cluster.address}")
+        if cluster.secure:
+            key = cluster.add_principal("default")
+            print(f"tenant 'default': key file {key} (CURVE; mode 0600). Try:")
+            print(f"  mtserve list --key-file {key}")
+            print("  mtserve tenant add NAME --state-dir", args.state_dir, " # more tenants")
+        else:
+            print("INSECURE: no authentication; the `tenant` header field names the tenant")
         print(f"state in {Path(args.state_dir).resolve()}; logs in {cluster.log_dir}; Ctrl-C stops")
         sys.stdout.flush()
         try:
@@ -184,6 +222,7 @@ def run_simulated(args: argparse.Namespace) -> int:
             noise=args.sim_noise,
             min_exec_us=args.sim_min_exec_us,
             max_exec_us=args.sim_max_exec_us,
+            key_file=args.key_file,
         )
     )
     signal.signal(signal.SIGTERM, lambda *_: setattr(sim, "stopping", True))
@@ -214,6 +253,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         limits=Limits(max_frame_bytes=args.max_frame_mb * MIB),
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
         spin_us=args.spin_us,
+        insecure=args.insecure,
     )
     broker = Broker(config)
     broker.install_signal_handlers()
@@ -251,6 +291,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         exec_threads=args.exec_threads,
         max_run_seconds=args.max_run_s,
         spin_us=args.spin_us,
+        key_file=args.key_file,
     )
     worker = Worker(config)
     worker.install_signal_handlers()
@@ -271,7 +312,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    with Client(args.address, tenant=args.tenant) as client:
+    with Client(
+        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
+    ) as client:
         info = client.upload_model(
             args.model, args.file, replace=args.replace, max_batch=args.max_batch
         )
@@ -280,7 +323,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    with Client(args.address, tenant=args.tenant) as client:
+    with Client(
+        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
+    ) as client:
         info = client.model_info(args.model)
         inputs = {k: np.load(v) for k, v in (s.split("=", 1) for s in args.input)}
         rng = np.random.default_rng(0)
@@ -301,13 +346,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.address, tenant=args.tenant) as client:
+    with Client(
+        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
+    ) as client:
         print(json.dumps(client.status(), indent=2))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with Client(args.address, tenant=args.tenant) as client:
+    with Client(
+        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
+    ) as client:
         for m in client.list_models():
             print(
                 f"{m['name']:24} {m['size']:>12} bytes  max_batch={m['max_batch']}  "
@@ -317,7 +366,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with Client(args.address, tenant=args.tenant) as client:
+    with Client(
+        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
+    ) as client:
         client.delete_model(args.model)
     return 0
 

@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from mtcore import keys
 from mtcore.errors import error_for
 from mtcore.protocol import (
     TAG,
@@ -120,9 +121,29 @@ def infer_result(reply: Reply) -> InferResult:
 
 
 class _Base:
-    def __init__(self, tenant: str | None) -> None:
-        self.tenant = tenant
+    def __init__(
+        self, address: str | None, tenant: str | None, key_file: str | Path | None
+    ) -> None:
+        self.tenant = tenant  # insecure brokers only: a secure one takes the key's name
+        self.key = keys.read(key_file) if key_file else None
+        self.address = address or (self.key and self.key.endpoint) or DEFAULT_ADDRESS
         self._ids = itertools.count(1)
+
+    def _connect(self, sock: zmq.Socket) -> zmq.Socket:
+        if self.key is not None:
+            self.key.require_secret(self.key.name)
+            self.key.apply_client(sock)
+        sock.connect(self.address)
+        return sock
+
+    def _silence(self, timeout: float) -> TimeoutError:
+        why = f"no reply from {self.address} within {timeout} s"
+        if self.key is not None:
+            why += (
+                f" (with CURVE key '{self.key.name}': a key that is wrong, revoked or for"
+                " another broker gets no reply at all)"
+            )
+        return TimeoutError(why)
 
     def _frames(
         self, cmd: Cmd, header: dict[str, Any], payload: list[Any] = ()
@@ -139,18 +160,19 @@ class Client(_Base):
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
         tenant: str | None = None,
+        key_file: str | Path | None = None,
         timeout: float = 60.0,
         ctx: zmq.Context | None = None,
     ) -> None:
-        super().__init__(tenant)
-        self.address = address
+        """`key_file`: this tenant's secret key file (`mtserve tenant add` writes one); it
+        names the broker's key and, when `address` is None, the broker's endpoint."""
+        super().__init__(address, tenant, key_file)
         self.timeout = timeout  # seconds to wait for each reply
         self.ctx = ctx or zmq.Context.instance()
-        self.sock = make_socket(self.ctx, zmq.DEALER)
-        self.sock.connect(address)
+        self.sock = self._connect(make_socket(self.ctx, zmq.DEALER))
 
     def call(
         self, cmd: Cmd, header: dict[str, Any] | None = None, payload: list[Any] = ()
@@ -163,7 +185,7 @@ class Client(_Base):
             reply = decode_reply(recv_frames(self.sock))
             if reply.header.get("id") in (rid, None):
                 return check(reply)
-        raise TimeoutError(f"no reply from {self.address} within {self.timeout} s")
+        raise self._silence(self.timeout)
 
     def ping(self) -> str:
         return self.call(Cmd.PING).header.get("server", "")
@@ -217,18 +239,17 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
         tenant: str | None = None,
+        key_file: str | Path | None = None,
         timeout: float = 60.0,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
-        super().__init__(tenant)
-        self.address = address
+        super().__init__(address, tenant, key_file)
         self.timeout = timeout
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = make_socket(self.ctx, zmq.DEALER)
-        self.sock.connect(address)
+        self.sock = self._connect(make_socket(self.ctx, zmq.DEALER))
         self._waiting: dict[int, asyncio.Future[Reply]] = {}  # id -> future of its reply
         self._reader: asyncio.Task[None] | None = None
 
@@ -251,7 +272,7 @@ class AsyncClient(_Base):
             await self.sock.send_multipart(frames, copy=False)
             reply = await asyncio.wait_for(future, self.timeout)
         except asyncio.TimeoutError:  # only the wait: DeadlineExpired is a TimeoutError too
-            raise TimeoutError(f"no reply from {self.address} within {self.timeout} s") from None
+            raise self._silence(self.timeout) from None
         finally:
             self._waiting.pop(rid, None)
         return reply

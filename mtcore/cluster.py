@@ -5,6 +5,12 @@ process is started with `python -m mtcore.cli`, tracked by PID and stopped by PI
 (SIGTERM, then SIGKILL after a grace period). The broker binds OS-chosen ports unless
 told otherwise and writes them to `<state_dir>/endpoints.json`, which is how the
 cluster learns where to point workers and clients.
+
+A secure cluster (the default) runs the broker with CURVE: before the broker starts, the
+cluster registers an admin key for itself (`cluster-admin`, to read STATUS) and one
+worker key per worker, all under `<state_dir>/keys/`; `add_principal` registers more
+(tenants), and the broker sees them at its next handshake. `secure=False` starts the
+broker with `--insecure`, for tests and benchmarks that choose plain sockets.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class LocalCluster:
         broker_args: list[str] = (),
         worker_args: list[str] = (),
         log_dir: str | Path | None = None,
+        secure: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.n_workers = workers
@@ -54,6 +61,8 @@ class LocalCluster:
         self.workers: list[subprocess.Popen] = []
         self.address = ""  # tenant frontend, known once the broker is up
         self.backend = ""  # worker backend
+        self.secure = secure  # CURVE on both broker sockets
+        self.admin_key: Path | None = None  # the cluster's own admin key file (secure)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -62,6 +71,8 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
         try:
+            if self.secure:
+                self.admin_key = self.add_principal("cluster-admin", "admin")
             self.start_broker(timeout)
             for i in range(self.n_workers):
                 self.start_worker(f"worker-{i}")
@@ -82,6 +93,7 @@ class LocalCluster:
             frontend,
             "--backend",
             backend,
+            *([] if self.secure else ["--insecure"]),
             *self.broker_args,
         ]
         self.broker = self._spawn(args, "broker")
@@ -104,9 +116,34 @@ class LocalCluster:
             str(threads),
             *self.worker_args,
         ]
+        if self.secure:
+            args += ["--key-file", str(self.add_principal(name, "worker"))]
         proc = self._spawn(args, name)
         self.workers.append(proc)
         return proc
+
+    def add_principal(self, name: str, role: str = "tenant", weight: float = 1.0) -> Path:
+        """Register `name` (if new) and return its secret key file, for a secure cluster."""
+        from broker.principals import Principals, key_path, provision, reissue
+
+        principals = Principals.open(self.state_dir)
+        try:
+            path = key_path(self.state_dir, name)
+            if name not in principals.by_name:
+                return provision(principals, self.state_dir, name, role, weight=weight)
+            if not path.exists():  # registered, but its file is gone: a new key
+                return reissue(principals, self.state_dir, name)
+            return path
+        finally:
+            principals.db.close()
+
+    def client(self, tenant: str, **kwargs: Any):
+        """A `Client` acting as `tenant`: by its key (secure) or its header (insecure)."""
+        from mtcore.client import Client
+
+        if self.secure:
+            return Client(self.address, key_file=self.add_principal(tenant), **kwargs)
+        return Client(self.address, tenant=tenant, **kwargs)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every child by PID: workers first, then the broker."""
@@ -139,7 +176,7 @@ class LocalCluster:
         from mtcore.client import Client
 
         deadline = time.monotonic() + timeout
-        with Client(self.address, timeout=5.0) as client:
+        with Client(self.address, key_file=self.admin_key, timeout=5.0) as client:
             while time.monotonic() < deadline:
                 self._check_alive()
                 try:

@@ -30,13 +30,16 @@ class BrokerConfig:
     max_pending_bytes: int = 2 * GIB  # input bytes held for unanswered requests: then OVERLOADED
     heartbeat_interval: float = 1.0  # broker -> worker heartbeat when idle
     heartbeat_liveness: float = 5.0  # a worker silent this long is lost
-    answer_grace: float = 30.0  # an answer this late past its deadline is given up as INTERNAL
+    answer_grace: float = 2.0  # no result this long past its deadline: DEADLINE_EXPIRED
     action_timeout: float = 300.0  # an action a worker never answers is given up after this
     max_request_time: float = 600.0  # the same for a request without a deadline
     scheduler: str = "predictive"  # scheduler implementation (broker.scheduler.make_scheduler)
     objective: str = "deadline"  # predictive: most requests within deadline, or "latency"
     profile_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # measured at upload, <= max_batch
     spin_us: int = 0  # busy-poll this long after each message before sleeping (latency vs CPU)
+    # No CURVE: any peer may connect, the header's `tenant` names the tenant and any
+    # process may register as a worker. Only for tests and demos on loopback, by choice.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -59,5 +62,6 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0  # worker -> broker heartbeat when idle
     heartbeat_liveness: float = 5.0  # broker silent this long: reconnect
     kind: str = "cpu"  # backend kind reported to the broker
+    key_file: str = ""  # CURVE: this worker's secret key file (mtcore/keys.py); "": plain
     max_run_seconds: float = 60.0  # a model run (or profile) longer than this is stopped
     spin_us: int = 0  # busy-poll this long after each message before sleeping (latency vs CPU)

@@ -1,8 +1,11 @@
 """Tenant requests as typed messages, decoded and validated once at the frontend. No I/O.
 
-`decode(cmd, header)` turns a request's header map into the frozen struct of its command
-(`Cmd.INFER` -> `Infer`, ...). Every field is read, type-checked and range-checked here,
-once, in a fixed order (`id`, `tenant`, then the command's own fields), raising the
+`decode(cmd, header, limits, identity)` turns a request's header map into the frozen
+struct of its command (`Cmd.INFER` -> `Infer`, ...). Who sends it comes first: on a
+secure broker the `identity` its CURVE key authenticated (the header's `tenant` field is
+then ignored, as the protocol says); in insecure mode the `tenant` field. Every field is
+read, type-checked and range-checked here, once, in a fixed order (`id`, `tenant`, then
+the command's own fields), raising the
 `MTError` a tenant should see (`BadArgument` 14 for a missing or mistyped field,
 `TooLarge` 13 and `InputInvalid` 40 from tensor descriptions); handlers receive the
 struct and never read the raw header. What needs the broker's state (does the model
@@ -21,7 +24,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import field as _field
+from typing import Any, NamedTuple, TypeVar
 
 from mtcore.errors import BadArgument, MTError
 from mtcore.protocol import (
@@ -45,8 +49,23 @@ MAX_DEADLINE_MS = 1e9  # `deadline_ms` must lie in (0, this)
 _R = TypeVar("_R", bound="TenantRequest")
 
 
+class Sender(NamedTuple):
+    """Who a request is from, as the frontend resolved it before decoding the rest."""
+
+    id: int  # the request's `id`
+    tenant: str  # the authenticated principal, or (insecure mode) the `tenant` field
+    admin: bool  # may see every tenant's figures (an admin key; everyone in insecure mode)
+
+
+class Identity(NamedTuple):
+    """An authenticated principal allowed on the tenant socket (tenant or admin)."""
+
+    name: str
+    admin: bool
+
+
 def tenant_of(header: dict[str, Any]) -> str:
-    """Insecure mode: the tenant named in the header (CURVE identities come later)."""
+    """Insecure mode: the tenant named in the header."""
     tenant = field(header, "tenant", str, "default")
     if not _TENANT.fullmatch(tenant):
         raise BadArgument("header field 'tenant' must be 1-64 letters, digits or ._-")
@@ -67,10 +86,14 @@ class TenantRequest:
 
     id: int  # the client's request id (unsigned 64-bit), echoed in the reply
     tenant: str  # whose request: 1-64 of letters, digits and ._- ("default" if unnamed)
+    admin: bool = _field(default=False, kw_only=True, compare=False)  # see `Sender.admin`
 
     @classmethod
-    def from_header(cls: type[_R], header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> _R:
-        return cls(request_id(header), tenant_of(header))
+    def from_header(
+        cls: type[_R], header: dict[str, Any], limits: Limits = DEFAULT_LIMITS, by: Sender = None
+    ) -> _R:
+        by = by or sender(header)
+        return cls(by.id, by.tenant, admin=by.admin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +123,10 @@ class UploadBegin(TenantRequest):
     replace: bool  # may overwrite a model of the same name
 
     @classmethod
-    def from_header(cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> UploadBegin:
-        rid, tenant = request_id(header), tenant_of(header)
+    def from_header(
+        cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS, by: Sender = None
+    ) -> UploadBegin:
+        by = by or sender(header)
         name = check_model_name(field(header, "name", str))
         size = check_size(field(header, "size", int))
         sha256 = check_sha256(field(header, "sha256", str))
@@ -112,7 +137,7 @@ class UploadBegin(TenantRequest):
         if max_batch is not None and not 1 <= max_batch <= MAX_BATCH_CAP:
             raise BadArgument(f"header field 'max_batch' must be between 1 and {MAX_BATCH_CAP}")
         replace = field(header, "replace", bool, False)
-        return cls(rid, tenant, name, size, sha256, fmt, max_batch, replace)
+        return cls(by.id, by.tenant, name, size, sha256, fmt, max_batch, replace, admin=by.admin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +148,12 @@ class UploadChunk(TenantRequest):
     offset: int  # where the chunk starts (checked against the upload's size by Uploads)
 
     @classmethod
-    def from_header(cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> UploadChunk:
-        rid, tenant = request_id(header), tenant_of(header)
-        return cls(rid, tenant, field(header, "upload", str), field(header, "offset", int))
+    def from_header(
+        cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS, by: Sender = None
+    ) -> UploadChunk:
+        by = by or sender(header)
+        upload, offset = field(header, "upload", str), field(header, "offset", int)
+        return cls(by.id, by.tenant, upload, offset, admin=by.admin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +163,11 @@ class UploadCommit(TenantRequest):
     upload: str  # the handle UPLOAD_BEGIN answered
 
     @classmethod
-    def from_header(cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> UploadCommit:
-        return cls(request_id(header), tenant_of(header), field(header, "upload", str))
+    def from_header(
+        cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS, by: Sender = None
+    ) -> UploadCommit:
+        by = by or sender(header)
+        return cls(by.id, by.tenant, field(header, "upload", str), admin=by.admin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +179,10 @@ class Infer(TenantRequest):
     deadline_ms: float | None  # budget from receipt, in (0, MAX_DEADLINE_MS); None: no deadline
 
     @classmethod
-    def from_header(cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Infer:
-        rid, tenant = request_id(header), tenant_of(header)
+    def from_header(
+        cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS, by: Sender = None
+    ) -> Infer:
+        by = by or sender(header)
         model = field(header, "model", str)
         inputs = tuple(parse_descs(field(header, "inputs", list), limits))
         budget = field(header, "deadline_ms", (int, float), None)
@@ -157,7 +190,7 @@ class Infer(TenantRequest):
             if not 0 < budget < MAX_DEADLINE_MS:  # also refuses NaN
                 raise BadArgument("header field 'deadline_ms' must be a positive number")
             budget = float(budget)
-        return cls(rid, tenant, model, inputs, budget)
+        return cls(by.id, by.tenant, model, inputs, budget, admin=by.admin)
 
     def deadline(self, now: float) -> float:
         """The monotonic time by which the answer is due (inf without a deadline)."""
@@ -171,8 +204,11 @@ class _ModelRequest(TenantRequest):
     model: str  # the tenant's model name (looked up by the handler)
 
     @classmethod
-    def from_header(cls: type[_R], header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> _R:
-        return cls(request_id(header), tenant_of(header), field(header, "model", str))
+    def from_header(
+        cls: type[_R], header: dict[str, Any], limits: Limits = DEFAULT_LIMITS, by: Sender = None
+    ) -> _R:
+        by = by or sender(header)
+        return cls(by.id, by.tenant, field(header, "model", str), admin=by.admin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +234,23 @@ MESSAGES: dict[Cmd, type[TenantRequest]] = {
 }  # command -> the struct its request decodes into
 
 
-def decode(cmd: Cmd, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> TenantRequest:
-    """The typed request of a decoded header; raises the MTError its tenant is answered."""
-    return MESSAGES[cmd].from_header(header, limits)
+def sender(header: dict[str, Any], identity: Identity | None = None) -> Sender:
+    """Who sent `header`: its authenticated `identity`, else (insecure) its `tenant` field."""
+    rid = request_id(header)
+    if identity is not None:
+        return Sender(rid, identity.name, identity.admin)
+    return Sender(rid, tenant_of(header), True)
+
+
+def decode(
+    cmd: Cmd,
+    header: dict[str, Any],
+    limits: Limits = DEFAULT_LIMITS,
+    identity: Identity | None = None,
+) -> TenantRequest:
+    """The typed request of a decoded header; raises the MTError its tenant is answered.
+
+    `identity`: the principal the connection's CURVE key belongs to (a secure broker);
+    None in insecure mode, where the header's `tenant` field names the tenant.
+    """
+    return MESSAGES[cmd].from_header(header, limits, sender(header, identity))

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import zmq
 
-from ext import recv_frames, send_frames
+from ext import recv_frames, recv_from, send_frames
 
-__all__ = ["NOBLOCK", "make_socket", "recv_frames", "send_frames"]
+__all__ = ["NOBLOCK", "make_socket", "recv_frames", "recv_from", "send_frames"]
 
 NOBLOCK = int(zmq.NOBLOCK)
 

@@ -35,6 +35,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def start_cluster(state_dir: Path, **kwargs) -> LocalCluster:
+    """A cluster for tests: insecure (the header names the tenant) unless `secure=True`;
+    tests/test_auth.py and others that test identity ask for CURVE."""
+    kwargs.setdefault("secure", False)
     kwargs.setdefault("memory_mb", 512)
     kwargs.setdefault("broker_args", ["--profile-batches", "1,2"])
     return LocalCluster(state_dir, **kwargs).start()

@@ -9,6 +9,7 @@ Skipped where there is no C compiler or no libzmq headers.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import onnxruntime as ort
 import pytest
 
 from bench import zoo
+from mtcore import keys
 from mtcore.client import Client
 from mtcore.cluster import LocalCluster
 from mtcore.protocol import VERSION
@@ -193,3 +195,133 @@ def test_pipelined_load(
     assert report["ok"] == 2000
     assert report["errors"] == {}
     assert report["seconds"] > 0 and report["rps"] > 0
+
+
+# ---------------------------------------------------------------- CURVE (--key FILE)
+
+SECURE_TENANT = "c-curve"
+SECURE_MODEL = "c_curve_add"
+
+
+def _has_secure_api() -> bool:
+    """LocalCluster(state_dir, secure=True) and add_principal(), with the CURVE work."""
+    params = inspect.signature(LocalCluster.__init__).parameters
+    return "secure" in params and hasattr(LocalCluster, "add_principal")
+
+
+@pytest.fixture(scope="module")
+def secure_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    if not _has_secure_api():
+        pytest.skip("no secure cluster API yet (LocalCluster(secure=True), add_principal)")
+    c = start_cluster(tmp_path_factory.mktemp("csecure"), secure=True, workers=1)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def tenant_key(secure_cluster: LocalCluster) -> Path:
+    """The secret key file of a tenant the broker knows."""
+    return secure_cluster.add_principal(SECURE_TENANT, role="tenant")
+
+
+def run_keyed(mtclient: Built, address: str, key: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(mtclient.exe), address, "--key", str(key), *args],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_key_ping_upload_infer_seen_by_python_client(
+    mtclient: Built, secure_cluster: LocalCluster, tenant_key: Path, model_path: Path
+) -> None:
+    address = secure_cluster.address
+    proc = run_keyed(mtclient, address, tenant_key, "ping")
+    assert proc.returncode == 0, proc.stderr
+    assert f"mtserve {VERSION}" in proc.stdout
+    if keys.read(tenant_key).endpoint:  # ADDRESS "-": the key file's endpoint
+        proc = run_keyed(mtclient, "-", tenant_key, "ping")
+        assert proc.returncode == 0, proc.stderr
+
+    # --tenant is accepted, and ignored by a secure broker: the key names the tenant.
+    proc = run_keyed(
+        mtclient,
+        address,
+        tenant_key,
+        "--tenant",
+        "decoy",
+        "upload",
+        SECURE_MODEL,
+        str(model_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert words[:2] == ["model", SECURE_MODEL]
+    sha = words[words.index("sha256") + 1]
+    assert sha == hashlib.sha256(model_path.read_bytes()).hexdigest()
+
+    proc = run_keyed(mtclient, address, tenant_key, "infer", SECURE_MODEL, "2,4", "1.0")
+    assert proc.returncode == 0, proc.stderr
+    head, values = proc.stdout.splitlines()[0].split(" values:")
+    assert head.split() == ["output", "output", "float32", "[2,4]"]
+    got = np.array(values.split(), dtype=np.float32).reshape(2, 4)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"input": np.ones((2, 4), np.float32)})[0]
+    np.testing.assert_array_equal(got, expected)
+
+    with Client(address, key_file=tenant_key, timeout=60) as client:
+        info = client.model_info(SECURE_MODEL)
+    assert info["sha256"] == sha
+
+
+def test_unregistered_key_gets_no_reply(
+    mtclient: Built, secure_cluster: LocalCluster, tenant_key: Path, tmp_path: Path
+) -> None:
+    """A fresh pair the broker never registered: the handshake fails, silently."""
+    known = keys.read(tenant_key)
+    stranger = keys.generate(SECURE_TENANT, "tenant", known.server_key, known.endpoint)
+    path = keys.write_secret(tmp_path / "stranger.key_secret", stranger)
+    proc = run_keyed(mtclient, secure_cluster.address, path, "--timeout", "2", "ping")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "no reply" in proc.stderr
+    assert str(path) in proc.stderr and "key may be wrong" in proc.stderr
+
+
+def _malformed_key(kind: str) -> str:
+    """A key file's text, spoiled in one way."""
+    broker = keys.generate("broker", "broker")
+    key = keys.generate("c-bad", "tenant", broker.public_key, "tcp://127.0.0.1:1")
+    text = keys.render(key, secret=True)
+    if kind == "39-char-public-key":
+        return text.replace(key.public_key, key.public_key[:39])
+    if kind == "public-file":  # no secret-key line
+        return keys.render(key, secret=False)
+    if kind == "bad-line":
+        return text.replace("server-key = ", "server-key ")
+    assert kind == "too-big"
+    return text + "#" * (64 * 1024) + "\n"
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("39-char-public-key", "public-key is not a CURVE key"),
+        ("public-file", "no secret-key"),
+        ("bad-line", 'not a `name = "value"` line'),
+        ("too-big", "larger than 64 KiB"),
+    ],
+)
+def test_malformed_key_file_exits_1_without_connecting(
+    mtclient: Built, tmp_path: Path, kind: str, message: str
+) -> None:
+    path = tmp_path / "bad.key_secret"
+    path.write_text(_malformed_key(kind))
+    # "-" would use the file's endpoint: the file is refused before that.
+    proc = run_keyed(mtclient, "-", path, "--timeout", "30", "ping")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert message in proc.stderr and str(path) in proc.stderr
+    assert "no reply" not in proc.stderr

@@ -48,25 +48,36 @@ def up(tmp_path: Path):
 
 
 def test_up_upload_infer_status_and_clean_stop(up, tmp_path: Path) -> None:
+    """`mtserve up` is secure: its default tenant's key file is all the CLI needs."""
     proc, address = up
+    keys = tmp_path / "state" / "keys"
+    key = ["--key-file", str(keys / "default.key_secret")]
     model = zoo.save("mlp", tmp_path)
-    uploaded = run("upload", "--address", address, "--tenant", "ops", "m1", str(model))
+    uploaded = run("upload", "--address", address, *key, "m1", str(model))
     assert uploaded.returncode == 0, uploaded.stderr
     assert json.loads(uploaded.stdout)["name"] == "m1"
 
-    inferred = run("infer", "--address", address, "--tenant", "ops", "m1", "--batch", "3")
+    inferred = run("infer", "--address", address, *key, "m1", "--batch", "3")
     assert inferred.returncode == 0, inferred.stderr
     assert "logits: float32[3, 10]" in inferred.stdout
 
-    listed = run("list", "--address", address, "--tenant", "ops")
-    assert listed.stdout.startswith("m1 ")
+    listed = run("list", *key)  # the key file names the broker's endpoint too
+    assert listed.stdout.startswith("m1 "), listed.stderr
 
-    missing = run("infer", "--address", address, "--tenant", "ops", "nope")
+    missing = run("infer", "--address", address, *key, "nope")
     assert missing.returncode == 2 and "[30 MODEL_NOT_FOUND]" in missing.stderr
 
-    status = json.loads(run("status", "--address", address).stdout)
+    mine = json.loads(run("status", *key).stdout)
+    assert mine["tenant"] == "default" and mine["tenant_models"] == 1 and "workers" not in mine
+    admin = ["--key-file", str(keys / "cluster-admin.key_secret")]
+    status = json.loads(run("status", "--address", address, *admin).stdout)
     broker_pid = status["pid"]
-    assert len(status["workers"]) == 1
+    assert len(status["workers"]) == 1 and status["secure"] is True
+
+    plain = run(
+        "list", "--address", address, "--tenant", "default", "--key-file", "", "--timeout", "2"
+    )
+    assert plain.returncode == 1 and "no reply" in plain.stderr  # no key: no connection
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0

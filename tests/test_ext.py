@@ -77,8 +77,8 @@ def test_ext_exports_match_this_process() -> None:
     pure = os.environ.get("MTSERVE_PUREPYTHON") == "1"
     assert ext.USING_C is (not pure and all(BUILT.values()))
     assert set(ext.__all__) == {"IMPLEMENTATIONS", "USING_C", "RequestTable", "decode_header",
-                                "encode_header", "recv_frames", "send_frames", "PagePool",
-                                "Allocation", "ActionTable", "TableFull"}  # fmt: skip
+                                "encode_header", "recv_frames", "recv_from", "send_frames",
+                                "PagePool", "Allocation", "ActionTable", "TableFull"}  # fmt: skip
     if pure:
         twins = {name: f"ext.{name}_py" for name in MODULES}
         assert twins == ext.IMPLEMENTATIONS

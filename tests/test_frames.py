@@ -181,3 +181,48 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _zap_answer(zap: zmq.Socket, user_id: bytes) -> None:
+    """Be the ZAP handler for one handshake: accept it, naming the peer `user_id`."""
+    assert zap.poll(10_000), "no ZAP request: the CURVE handshake never started"
+    request = zap.recv_multipart()
+    zap.send_multipart([b"1.0", request[1], b"200", b"OK", user_id, b""])
+
+
+def test_recv_from_names_the_authenticated_sender(impl) -> None:
+    ctx = zmq.Context()
+    zap = ctx.socket(zmq.REP)
+    zap.bind("inproc://zeromq.zap.01")
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    router = make_socket(ctx, zmq.ROUTER)
+    router.curve_server = True
+    router.curve_secretkey = server_secret
+    router.zap_domain = b"test"
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = make_socket(ctx, zmq.DEALER)
+    dealer.curve_serverkey = server_public
+    dealer.curve_publickey = client_public
+    dealer.curve_secretkey = client_secret
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    plain = make_socket(ctx, zmq.ROUTER)
+    plain.bind("inproc://plain")
+    plain_dealer = make_socket(ctx, zmq.DEALER)
+    plain_dealer.connect("inproc://plain")
+    try:
+        impl.send_frames(dealer, [b"", b"hello", b"L" * SMALL])
+        _zap_answer(zap, b"alice-key")
+        assert router.poll(10_000)
+        user_id, frames = impl.recv_from(router)
+        assert user_id == "alice-key"
+        assert [_content(f) for f in frames[1:]] == [b"", b"hello", b"L" * SMALL]
+        impl.send_frames(plain_dealer, [b"", b"x"])
+        user_id, frames = impl.recv_from(plain)
+        assert user_id is None and _content(frames[-1]) == b"x"
+        with pytest.raises(zmq.Again):
+            impl.recv_from(plain, NOBLOCK)
+    finally:
+        for sock in (zap, router, dealer, plain, plain_dealer):
+            sock.close(linger=0)
+        ctx.term()

@@ -20,6 +20,7 @@ from mtcore.messages import (
     DeleteModel,
     GetModelInfo,
     GetStatus,
+    Identity,
     Infer,
     ListModels,
     Ping,
@@ -274,10 +275,23 @@ def test_bad_field(cmd: Cmd, key: str, value: Any, exc_type: type[MTError], mess
 
 
 def test_every_field_has_a_case() -> None:
-    """Each struct's own fields (beyond id and tenant) have a bad-value case above, so a
-    field added later cannot go untested."""
+    """Each struct's own fields (beyond who sent it: id, tenant, admin) have a bad-value
+    case above, so a field added later cannot go untested."""
     covered = {(MESSAGES[p.values[0]], p.values[1]) for p in FIELD_CASES}
     for cls in set(MESSAGES.values()):
         for f in dataclasses.fields(cls):
-            if f.name not in ("id", "tenant"):
+            if f.name not in ("id", "tenant", "admin"):
                 assert (cls, f.name) in covered, f"{cls.__name__}.{f.name} has no bad-value case"
+
+
+def test_an_authenticated_identity_overrides_the_tenant_field() -> None:
+    """A secure broker passes the key's principal: the header's `tenant` is ignored, even
+    when it names someone else or is not a valid name at all."""
+    forged = {**GOOD[Cmd.INFO], "tenant": "alice"}
+    request = decode(Cmd.INFO, forged, identity=Identity("mallory", admin=False))
+    assert request.tenant == "mallory" and request.admin is False
+    bad = {**GOOD[Cmd.LIST], "tenant": 7}
+    assert decode(Cmd.LIST, bad, identity=Identity("ops", admin=True)).admin is True
+    with pytest.raises(BadArgument):
+        decode(Cmd.LIST, bad)  # insecure mode reads the field, and it is invalid
+    assert decode(Cmd.LIST, GOOD[Cmd.LIST]).admin is True  # insecure: everyone is trusted

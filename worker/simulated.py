@@ -38,6 +38,7 @@ from typing import Any
 
 import zmq
 
+from mtcore import keys
 from mtcore.actions import (
     TENANT_STATUS,
     ActionStatus,
@@ -98,6 +99,7 @@ class SimConfig:
     max_exec_us: float = 20_000.0
     heartbeat_interval: float = 1.0
     seed: int = 0
+    key_file: str = ""  # CURVE: one worker key for every simulated worker of the process
 
 
 @dataclass
@@ -134,6 +136,8 @@ class SimulatedWorkers:
 
     def _worker(self, i: int) -> SimWorker:
         sock = make_socket(self.ctx, zmq.DEALER)
+        if self.config.key_file:
+            keys.read(self.config.key_file).apply_client(sock)
         sock.connect(self.config.backend)
         self.poller.register(sock, zmq.POLLIN)
         worker = SimWorker(i, sock, [0.0] * max(1, self.config.exec_threads))

@@ -37,6 +37,7 @@ from typing import Any
 import zmq
 
 from ext import ActionTable, PagePool
+from mtcore import keys
 from mtcore.actions import (
     ActionStatus,
     Infer,
@@ -127,6 +128,7 @@ class Worker:
         self.poller = zmq.Poller()  # broker and results, rebuilt on reconnect
         self._spin_until = 0.0  # busy-poll until then (config.spin_us after a message)
         self.incarnation = f"{os.getpid()}-{secrets.token_hex(8)}"  # same across reconnects
+        self.key = keys.read(config.key_file) if config.key_file else None  # CURVE identity
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -205,6 +207,8 @@ class Worker:
             self.broker.close(linger=0)
             self.forget_broker_state()
         self.broker = make_socket(self.ctx, zmq.DEALER)
+        if self.key is not None:
+            self.key.apply_client(self.broker)  # CURVE: the broker checks this key's role
         self.broker.connect(self.config.backend)
         self.poller = zmq.Poller()
         self.poller.register(self.broker, zmq.POLLIN)
@@ -273,6 +277,9 @@ class Worker:
                 return
             if msg.cmd is WCmd.DISCONNECT:
                 self.forget_broker_state()
+                if msg.header.get("refused"):  # registering again would be refused again
+                    log.error("%s: the broker refused us: %s", self.name, msg.header.get("reason"))
+                    return  # the liveness timer reconnects and tries later
                 self.register()
                 return
             if msg.cmd is WCmd.FETCH_MODEL:

@@ -14,6 +14,9 @@
  *   mtclient ADDRESS [--tenant T] infer MODEL D0,D1,... V [--deadline-ms MS] [--input NAME]
  *   mtclient ADDRESS [--tenant T] load MODEL D0,D1,... N WINDOW [--deadline-ms MS] [--input NAME]
  *   (every command also takes --timeout SECONDS, the limit on each wait; default 30)
+ *   mtclient ADDRESS|- --key FILE.key_secret COMMAND ...
+ *   (CURVE with an mtserve key file; ADDRESS '-' = the file's endpoint; a secure broker
+ *   takes the tenant from the key and ignores --tenant)
  *
  * Exit status: 0 success; 2 the broker answered with a non-zero status (printed as
  * "error: [status 30 MODEL_NOT_FOUND] message"); 1 usage, transport or protocol error.
@@ -25,6 +28,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -554,9 +558,21 @@ typedef struct {
     void *ctx, *sock;
     const char *address;
     const char *tenant; /* NULL: the field is omitted (the broker uses "default") */
+    const char *key_path; /* --key FILE: CURVE with that identity; NULL: plain */
     uint64_t next_id;
     long timeout_ms;
 } client_t;
+
+/* No reply within the timeout. With CURVE a refused handshake is silent (libzmq drops
+ * the connection and retries), so this is also what a wrong key looks like. */
+static void die_no_reply(const client_t *c, const char *detail)
+{
+    if (c->key_path)
+        die("no reply from %s within %.1f s%s; with --key %s, the key may be wrong, revoked "
+            "or for another broker (a refused CURVE handshake gets no answer)",
+            c->address, (double)c->timeout_ms / 1000.0, detail, c->key_path);
+    die("no reply from %s within %.1f s%s", c->address, (double)c->timeout_ms / 1000.0, detail);
+}
 
 typedef struct {
     zmq_msg_t *frames; /* the whole message, starting at the empty delimiter */
@@ -664,7 +680,7 @@ static void parse_reply(reply_t *r)
 static void recv_reply(client_t *c, reply_t *r)
 {
     if (!wait_readable(c->sock, c->timeout_ms))
-        die("no reply from %s within %.1f s", c->address, (double)c->timeout_ms / 1000.0);
+        die_no_reply(c, "");
     reply_free(r);
     int more = 1;
     while (more) {
@@ -1248,10 +1264,12 @@ static int cmd_load(client_t *c, const char *model, const char *input, const cha
             if (!load_recv(c, &m, block, &id, &has_id, &status, &err, &err_len)) {
                 if (received == total || (sent < total && sent - received < window))
                     break; /* go and send more */
-                if (!wait_readable(c->sock, c->timeout_ms))
-                    die("no reply from %s within %.1f s (%" PRIu64 " of %" PRIu64
-                        " answered)", c->address, (double)c->timeout_ms / 1000.0, received,
-                        total);
+                if (!wait_readable(c->sock, c->timeout_ms)) {
+                    char detail[80];
+                    snprintf(detail, sizeof detail, " (%" PRIu64 " of %" PRIu64 " answered)",
+                             received, total);
+                    die_no_reply(c, detail);
+                }
                 block = true;
                 continue;
             }
@@ -1294,17 +1312,226 @@ static int cmd_load(client_t *c, const char *model, const char *input, const cha
     return 0;
 }
 
+/* ================================================================ key file (CURVE) */
+
+/* An mtserve key file (mtcore/keys.py): ZPL text, the subset czmq certificates use.
+ *
+ *   #   mtserve key: tenant "alice". Secret: keep it mode 0600.
+ *   metadata
+ *       name = "alice"
+ *       server-key = "<the broker's public key, 40 Z85 characters>"
+ *       endpoint = "tcp://127.0.0.1:5555"
+ *   curve
+ *       public-key = "<40 Z85 characters>"
+ *       secret-key = "<40 Z85 characters>"
+ *
+ * Comments, blank lines and unindented section names are skipped; every other line must
+ * be `<indent>name = "value"`. A client needs public-key, secret-key and server-key. */
+
+#define KEY_FILE_MAX (64u * 1024) /* a key file is a few hundred bytes: refuse big ones */
+#define Z85_KEY_LEN 40            /* a 32-byte CURVE key as Z85 text */
+
+static const char Z85_CHARS[] =
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
+
+typedef struct {
+    char public_key[Z85_KEY_LEN + 1]; /* NUL-terminated: zmq_setsockopt takes 41 bytes */
+    char secret_key[Z85_KEY_LEN + 1];
+    char server_key[Z85_KEY_LEN + 1];
+    char *endpoint; /* NULL when the file has none */
+} keyfile_t;
+
+/* Zero memory that held a secret; the volatile store cannot be optimized away. */
+static void wipe(void *p, size_t n)
+{
+    volatile unsigned char *v = p;
+    while (n--)
+        *v++ = 0;
+}
+
+static char *key_text; /* the file's bytes while parsing (it holds the secret key) */
+static size_t key_text_size;
+
+/* Like die(), but wipes the file's text (after formatting: an argument may point into
+ * it). Messages name fields, never quote a value. */
+static void key_die(const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (key_text) {
+        wipe(key_text, key_text_size);
+        free(key_text);
+        key_text = NULL;
+    }
+    die("%s", msg);
+}
+
+static bool is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
+}
+
+static bool is_name_char(char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c != '\0' && strchr("$-_@.&+/", c) != NULL);
+}
+
+/* 40 characters of the Z85 alphabet, each group of 5 a value below 2^32 (what
+ * zmq_z85_decode accepts). */
+static bool z85_key_ok(const char *s, size_t n)
+{
+    if (n != Z85_KEY_LEN)
+        return false;
+    for (size_t g = 0; g < n; g += 5) {
+        uint64_t value = 0;
+        for (size_t k = g; k < g + 5; k++) {
+            const char *at = s[k] ? strchr(Z85_CHARS, s[k]) : NULL;
+            if (!at)
+                return false;
+            value = value * 85 + (uint64_t)(at - Z85_CHARS);
+        }
+        if (value > UINT32_MAX)
+            return false;
+    }
+    return true;
+}
+
+static void key_field(const char *path, const char *field, const char *v, size_t n, char *out)
+{
+    if (!z85_key_ok(v, n))
+        key_die("%s: %s is not a CURVE key (40 Z85 characters)", path, field);
+    memcpy(out, v, Z85_KEY_LEN);
+    out[Z85_KEY_LEN] = '\0';
+}
+
+static void read_key_file(const char *path, keyfile_t *key)
+{
+    memset(key, 0, sizeof *key);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        die("cannot read key file %s: %s", path, strerror(errno));
+    key_text = xmalloc(KEY_FILE_MAX + 1);
+    key_text_size = KEY_FILE_MAX + 1;
+    size_t len = fread(key_text, 1, KEY_FILE_MAX + 1, f);
+    int err = ferror(f) ? errno : 0;
+    fclose(f);
+    if (err)
+        key_die("cannot read key file %s: %s", path, strerror(err));
+    if (len > KEY_FILE_MAX)
+        key_die("%s: larger than %u KiB, not a key file", path, KEY_FILE_MAX / 1024);
+    if (memchr(key_text, '\0', len))
+        key_die("%s: contains a NUL byte, not a key file", path);
+
+    size_t lineno = 0;
+    for (char *line = key_text; line < key_text + len;) {
+        char *eol = memchr(line, '\n', (size_t)(key_text + len - line));
+        char *end = eol ? eol : key_text + len;
+        char *next = eol ? eol + 1 : end;
+        lineno++;
+        *end = '\0';
+        char *p = line;
+        while (is_space(*p))
+            p++;
+        if (*p == '\0' || *p == '#' || !is_space(line[0])) { /* blank, comment, section */
+            line = next;
+            continue;
+        }
+        char *name = p;
+        while (is_name_char(*p))
+            p++;
+        size_t name_len = (size_t)(p - name);
+        while (is_space(*p))
+            p++;
+        if (name_len == 0 || *p != '=')
+            key_die("%s:%zu: not a `name = \"value\"` line", path, lineno);
+        p++;
+        while (is_space(*p))
+            p++;
+        if (*p != '"')
+            key_die("%s:%zu: not a `name = \"value\"` line", path, lineno);
+        char *value = ++p;
+        while (*p && *p != '"')
+            p++;
+        if (*p != '"')
+            key_die("%s:%zu: not a `name = \"value\"` line", path, lineno);
+        size_t value_len = (size_t)(p - value);
+        p++;
+        while (is_space(*p))
+            p++;
+        if (*p != '\0')
+            key_die("%s:%zu: not a `name = \"value\"` line", path, lineno);
+        name[name_len] = '\0';
+        if (value_len == 0) { /* an empty value counts as absent (as mtcore/keys.py) */
+        } else if (!strcmp(name, "public-key")) {
+            key_field(path, name, value, value_len, key->public_key);
+        } else if (!strcmp(name, "secret-key")) {
+            key_field(path, name, value, value_len, key->secret_key);
+        } else if (!strcmp(name, "server-key")) {
+            key_field(path, name, value, value_len, key->server_key);
+        } else if (!strcmp(name, "endpoint")) {
+            free(key->endpoint);
+            key->endpoint = xmalloc(value_len + 1);
+            memcpy(key->endpoint, value, value_len);
+            key->endpoint[value_len] = '\0';
+        }
+        line = next;
+    }
+    wipe(key_text, key_text_size);
+    free(key_text);
+    key_text = NULL;
+
+    if (!key->public_key[0])
+        key_die("%s: no public-key (40 Z85 characters)", path);
+    if (!key->secret_key[0])
+        key_die("%s: no secret-key (a public key file? a client needs the .key_secret file)",
+                path);
+    if (!key->server_key[0])
+        key_die("%s: no server-key (the broker's own key? a client needs a tenant's key file)",
+                path);
+}
+
+/* Make the DEALER a CURVE client of the broker (before connect); wipes the secret. */
+static void apply_key(void *sock, keyfile_t *key, const char *path)
+{
+    static const struct { int option; const char *name; size_t at; } opts[] = {
+        { ZMQ_CURVE_SERVERKEY, "ZMQ_CURVE_SERVERKEY", offsetof(keyfile_t, server_key) },
+        { ZMQ_CURVE_PUBLICKEY, "ZMQ_CURVE_PUBLICKEY", offsetof(keyfile_t, public_key) },
+        { ZMQ_CURVE_SECRETKEY, "ZMQ_CURVE_SECRETKEY", offsetof(keyfile_t, secret_key) },
+    };
+    if (!zmq_has("curve")) {
+        wipe(key->secret_key, sizeof key->secret_key);
+        die("--key: this libzmq was built without CURVE support (zmq_has(\"curve\") is 0)");
+    }
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
+        const char *z85 = (const char *)key + opts[i].at; /* 40 chars + NUL: 41 bytes */
+        if (zmq_setsockopt(sock, opts[i].option, z85, Z85_KEY_LEN + 1) != 0) {
+            int err = errno;
+            wipe(key->secret_key, sizeof key->secret_key);
+            die("--key %s: setting %s failed: %s", path, opts[i].name, zmq_strerror(err));
+        }
+    }
+    wipe(key->secret_key, sizeof key->secret_key);
+}
+
 /* ================================================================ main */
 
 static void usage(void)
 {
-    fputs("usage: mtclient ADDRESS [--tenant T] [--timeout S] COMMAND ...\n"
+    fputs("usage: mtclient ADDRESS [--key FILE] [--tenant T] [--timeout S] COMMAND ...\n"
           "  ping\n"
           "  list\n"
           "  upload NAME FILE.onnx [--replace] [--max-batch B]\n"
           "  infer MODEL D0,D1,... V [--deadline-ms MS] [--input NAME]\n"
           "  load MODEL D0,D1,... N WINDOW [--deadline-ms MS] [--input NAME]\n"
           "  (--input: the float32 input's name; without it, INFO is asked)\n"
+          "  --key FILE: authenticate with CURVE, using an mtserve key file (NAME.key_secret);\n"
+          "    ADDRESS '-' then means the file's endpoint. A secure broker knows the tenant\n"
+          "    from the key and ignores --tenant (still accepted). A wrong key gets no reply:\n"
+          "    the --timeout (default 30 s) fires\n"
           "exit: 0 ok, 2 the broker answered an error status, 1 anything else\n",
           stderr);
     exit(1);
@@ -1349,6 +1576,7 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) usage();
         else if (!strcmp(a, "--replace")) replace = true;
         else if (!strcmp(a, "--tenant") && has_value) c.tenant = argv[++i];
+        else if (!strcmp(a, "--key") && has_value) c.key_path = argv[++i];
         else if (!strcmp(a, "--input") && has_value) input = argv[++i];
         else if (!strcmp(a, "--timeout") && has_value)
             timeout_s = parse_double(argv[++i], "--timeout");
@@ -1365,6 +1593,15 @@ int main(int argc, char **argv)
     c.address = pos[0];
     c.timeout_ms = (long)(timeout_s * 1000.0);
     const char *cmd = pos[1];
+    keyfile_t key = { { 0 }, { 0 }, { 0 }, NULL };
+    if (c.key_path) /* read and checked before any socket exists */
+        read_key_file(c.key_path, &key);
+    if (!strcmp(c.address, "-")) {
+        if (!key.endpoint)
+            die("ADDRESS '-' means the endpoint of the --key file, and %s",
+                c.key_path ? "that file has no endpoint" : "no --key was given");
+        c.address = key.endpoint;
+    }
 
     c.ctx = zmq_ctx_new();
     c.sock = zmq_socket(c.ctx, ZMQ_DEALER);
@@ -1374,6 +1611,8 @@ int main(int argc, char **argv)
     zmq_setsockopt(c.sock, ZMQ_SNDHWM, &zero, sizeof zero);
     zmq_setsockopt(c.sock, ZMQ_RCVHWM, &zero, sizeof zero);
     zmq_setsockopt(c.sock, ZMQ_LINGER, &zero, sizeof zero);
+    if (c.key_path)
+        apply_key(c.sock, &key, c.key_path);
     if (zmq_connect(c.sock, c.address) != 0)
         die("cannot connect to %s: %s", c.address, zmq_strerror(errno));
 
@@ -1394,5 +1633,6 @@ int main(int argc, char **argv)
     fflush(stdout);
     zmq_close(c.sock);
     zmq_ctx_term(c.ctx);
+    free(key.endpoint);
     return rc;
 }
