@@ -42,6 +42,7 @@ from mtcore.protocol import (
     WCmd,
     build,
     frame_bytes,
+    frame_size,
     parse_body,
     split_envelope,
 )
@@ -62,7 +63,11 @@ class Backend:
         self.workers: dict[bytes, WorkerState] = {}  # wid -> worker
         self.actions: dict[int, Action] = {}  # id -> action sent and not yet answered
         self.scheduler: Scheduler = make_scheduler(
-            self.config.scheduler, self.config.max_queue, objective=self.config.objective
+            self.config.scheduler,
+            self.config.max_queue,
+            objective=self.config.objective,
+            weight=self.tenant_weight,
+            isolation=self.config.isolation,
         )  # queued requests -> actions
         self.predictor = self.scheduler.predictor  # exec and load times, learned from results
         for record in self.registry.models.values():
@@ -225,6 +230,11 @@ class Backend:
     ) -> None:
         by_rid = {r.rid: r for r in action.requests}
         timing = result.timing
+        rows = sum(r.batch for r in action.requests)
+        out_bytes = sum(frame_size(f) for f in payload)
+        model = action.requests[0].model if action.requests else None
+        if model is not None and rows and out_bytes > model.reply_row_bytes * rows:
+            model.reply_row_bytes = -(-out_bytes // rows)  # learned: replies' quota charge
         frames = iter(payload)
         for item in result.results:
             request = by_rid.pop(item.rid, None)

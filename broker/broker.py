@@ -44,7 +44,9 @@ from broker.backend import Backend
 from broker.commits import Commits
 from broker.frontend import Frontend
 from broker.principals import Principals, broker_key
+from broker.quotas import TenantBook
 from broker.registry import Registry
+from broker.replies import REPLY_HWM, ReplyQueue
 from broker.state import PendingRequest
 from broker.status import StatusReport
 from broker.uploads import Uploads
@@ -53,7 +55,7 @@ from mtcore.config import BrokerConfig
 from mtcore.errors import DeadlineExpired, InternalError, MTError, ShuttingDown
 from mtcore.keys import KeyFile
 from mtcore.protocol import TAG, Cmd, Limits, encode_header
-from mtcore.transport import NOBLOCK, make_socket, recv_from, send_frames
+from mtcore.transport import NOBLOCK, make_socket, recv_from
 
 log = logging.getLogger("mtserve.broker")
 
@@ -90,6 +92,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
             self.zap = ZapHandler(self.ctx, self.principals)
             self.server_key = broker_key(config.state_dir)
         self.frontend = self._bind(config.frontend, self.limits.max_frame_bytes, "tenant")
+        self.replies = ReplyQueue(self.frontend)  # answers a tenant does not read yet
         self.backend = self._bind(config.backend, self.worker_limits.max_frame_bytes, "worker")
         self.poller = zmq.Poller()  # the sockets `turn` waits on
         self.poller.register(self.frontend, zmq.POLLIN)
@@ -117,6 +120,8 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         # A frame far over the limit is not worth reading to answer TOO_LARGE: ZeroMQ
         # drops that connection instead, before buffering the frame.
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * max_frame)
+        if domain == "tenant":  # replies beyond this wait, accounted, in the ReplyQueue
+            sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
         if self.server_key is not None:
             self.server_key.apply_server(sock, domain)
         sock.bind(address)
@@ -164,6 +169,8 @@ class Broker(Frontend, Commits, Backend, StatusReport):
             self._spin_until = time.monotonic() + self._spin_s
         if self.zap is not None and self.zap.sock in events:
             self.zap.handle_all()  # handshakes: before the messages they let in
+        if self.replies.backlogs:
+            self.replies.flush()
         if self.backend in events:
             self._drain(self.backend, self.on_worker_message, BACKEND_BATCH)
         if self.frontend in events:
@@ -201,6 +208,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         """Housekeeping: keys changed outside, lost workers, heartbeats, expiries, garbage."""
         if self.principals is not None and self.principals.refresh():
             self.revoke_workers()
+            self.refresh_books()
         self.purge_lost_workers(now)
         self.expire_actions(now)
         self.send_heartbeats(now)
@@ -213,7 +221,9 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         error = ShuttingDown("the broker is stopping; retry against its replacement")
         for key in self.pending.keys():  # noqa: SIM118 (a RequestTable, not a dict)
             request = self.pending.pop(key)
+            self.settle(request)
             self.reply_error(request.envelope, Cmd.INFER, request.client_id, error)
+        self.replies.flush()
         self.close_commits(error)
         self.uploads.close()
         self.registry.close()
@@ -226,12 +236,19 @@ class Broker(Frontend, Commits, Backend, StatusReport):
     # ------------------------------------------------------------------ answers
 
     def reply(
-        self, envelope: list[Any], cmd: Cmd | bytes, header: dict[str, Any], payload: list[Any] = ()
+        self,
+        envelope: list[Any],
+        cmd: Cmd | bytes,
+        header: dict[str, Any],
+        payload: list[Any] = (),
+        book: TenantBook | None = None,
     ) -> None:
+        """Send a reply, or hold it (charged to `book`) while its tenant reads nothing."""
         status = header.setdefault("status", 0)
         self.answered[status] += 1
         value = cmd.value if isinstance(cmd, Cmd) else cmd
-        send_frames(self.frontend, [*envelope, b"", TAG, value, encode_header(header), *payload])
+        frames = [*envelope, b"", TAG, value, encode_header(header), *payload]
+        self.replies.send(frames, book)
 
     def reply_error(
         self, envelope: list[Any], cmd: Cmd | bytes, client_id: int | None, exc: MTError
@@ -245,10 +262,16 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         """Send the one answer of a request, unless it was answered already."""
         if self.pending.pop(request.rid, None) is None:
             return
+        self.settle(request)
+        header["id"] = request.client_id
+        self.reply(request.envelope, Cmd.INFER, header, payload, request.book)
+
+    def settle(self, request: PendingRequest) -> None:
+        """A request leaves the table: release what it held of the broker and its tenant."""
         request.answered = True
         self.pending_bytes -= request.nbytes
-        header["id"] = request.client_id
-        self.reply(request.envelope, Cmd.INFER, header, payload)
+        if request.book is not None:
+            request.book.answered(request.reply_bytes)
 
     def answer_error(self, request: PendingRequest, exc: MTError) -> None:
         self.answer(request, {"status": int(exc.status), "error": exc.message}, [])
@@ -260,8 +283,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         late = DeadlineExpired("no worker answered by the deadline (a worker late or lost)")
         abandoned = InternalError("no answer from a worker within the request's lifetime")
         for _, request in self.pending.pop_expired(now):
-            request.answered = True
+            self.settle(request)
             self.cancel(request)  # it may still wait in a queue (no deadline, lifetime over)
-            self.pending_bytes -= request.nbytes
             error = late if request.deadline <= now else abandoned
             self.reply_error(request.envelope, Cmd.INFER, request.client_id, error)

@@ -1,7 +1,9 @@
 """Performance isolation: executor time shared by tenant weight when demand exceeds it.
 
 Each tenant's *demand* is the predicted executor time its arriving requests ask for, per
-second (an exponentially weighted rate, time constant TAU_S), admitted or not. While
+second (an exponentially weighted rate, time constant TAU_S, over the time since the
+tenant became active when that is shorter, so a burst counts at its full rate from its
+first requests), admitted or not. While
 the demands of all tenants fit the cluster's capacity (executor-seconds per second: the
 executors of every worker) nobody is throttled. When they do not, capacity is shared
 max-min fairly by weight (water-filling: each tenant gets its demand or `level * weight`,
@@ -27,6 +29,7 @@ TAU_S = 1.0  # seconds: time constant of the demand rates
 MARGIN = 1.25  # a tenant within its share may burst to this much of its demand
 RECOMPUTE_S = 0.01  # shares are recomputed at most this often
 ACTIVE = 1e-3  # demand (executor-seconds per second) below which a tenant is idle
+MIN_WINDOW_S = 0.01  # a demand is never measured over less than this
 
 
 class FairShare:
@@ -36,21 +39,28 @@ class FairShare:
         self.weight = weight
         self.enabled = enabled
         self.capacity = 0.0  # executor-seconds per second (set by the scheduler)
-        self._rate: dict[str, float] = {}  # tenant -> demand at `_stamp[tenant]`
+        self._sum: dict[str, float] = {}  # tenant -> decayed seconds asked, at `_stamp`
         self._stamp: dict[str, float] = {}
+        self._since: dict[str, float] = {}  # tenant -> when it became active
         self.queued: dict[str, float] = {}  # tenant -> predicted seconds of its queued work
         self._shares: dict[str, float] = {}  # tenant -> its share (inf: not throttled)
         self._computed = -math.inf
         self.throttled = 0  # requests refused for being over a share
 
+    def _decayed(self, tenant: str, now: float) -> float:
+        total = self._sum.get(tenant, 0.0)
+        return total * math.exp(-(now - self._stamp.get(tenant, now)) / TAU_S)
+
     def demand(self, tenant: str, now: float) -> float:
-        rate = self._rate.get(tenant, 0.0)
-        return rate * math.exp(-(now - self._stamp.get(tenant, now)) / TAU_S)
+        """Executor-seconds per second the tenant asks for, lately."""
+        age = max(MIN_WINDOW_S, now - self._since.get(tenant, now))
+        return self._decayed(tenant, now) / (TAU_S * -math.expm1(-age / TAU_S))
 
     def offer(self, tenant: str, cost_s: float, now: float) -> None:
         """A request of `tenant` asking for `cost_s` seconds of executor time arrived."""
-        self._rate[tenant] = self.demand(tenant, now) + cost_s / TAU_S
+        self._sum[tenant] = self._decayed(tenant, now) + cost_s
         self._stamp[tenant] = now
+        self._since.setdefault(tenant, now)
 
     def book(self, tenant: str, cost_s: float) -> None:
         self.queued[tenant] = self.queued.get(tenant, 0.0) + cost_s
@@ -89,11 +99,11 @@ class FairShare:
         return self._shares.get(tenant, math.inf)
 
     def _compute(self, now: float) -> dict[str, float]:
-        demands = {t: self.demand(t, now) for t in self._rate}
+        demands = {t: self.demand(t, now) for t in self._sum}
         for tenant in [t for t, d in demands.items() if d < ACTIVE]:
             del demands[tenant]
-            self._rate.pop(tenant, None)  # idle: forget it until it asks again
-            self._stamp.pop(tenant, None)
+            for table in (self._sum, self._stamp, self._since):  # idle: forget it for now
+                table.pop(tenant, None)
         if sum(demands.values()) <= self.capacity or len(demands) < 2:
             return {}
         weights = {t: max(self.weight(t), 1e-9) for t in demands}

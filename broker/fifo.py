@@ -14,6 +14,7 @@ import math
 from collections import deque
 from typing import Any
 
+from broker.fairshare import FairShare
 from broker.scheduler import QueueScheduler, WorkerPlan
 from broker.state import Action, PendingRequest
 from mtcore.errors import DeadlineExpired, DeadlineUnmeetable
@@ -26,8 +27,10 @@ EXPIRE_PERIOD = 0.05  # seconds between scans for queued requests past their dea
 class FifoLruScheduler(QueueScheduler):
     """Baseline: FIFO per model, oldest head first, LRU eviction, greedy batching."""
 
-    def __init__(self, max_queue: int, predictor: Predictor | None = None) -> None:
-        super().__init__(max_queue, predictor)
+    def __init__(
+        self, max_queue: int, predictor: Predictor | None = None, fair: FairShare | None = None
+    ) -> None:
+        super().__init__(max_queue, predictor, fair)
         self.with_deadlines: set[str] = set()  # queues that may hold a finite deadline
         self._next_expiry = 0.0  # when the next scan for expired requests is due
 

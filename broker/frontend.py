@@ -19,8 +19,10 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from broker.quotas import TenantBook, TenantLimits
 from broker.registry import ModelRecord
 from broker.state import PendingRequest
 from broker.validate import plan_inputs
@@ -70,6 +72,7 @@ class Frontend:
         }
         self.by_command: Counter[Cmd] = Counter()  # tenant requests by command
         self._rids = itertools.count(secrets.randbits(40) << 16)  # request ids (random start)
+        self.books: dict[str, TenantBook] = {}  # tenant -> its live counts against its limits
 
     def on_client_message(self: Broker, frames: list[Any], user_id: str | None = None) -> None:
         self.counters["messages"] += 1
@@ -120,11 +123,21 @@ class Frontend:
         self: Broker, envelope: list[Any], request: messages.UploadBegin, payload: list[Any]
     ) -> None:
         name = request.name
-        if not request.replace and self.registry.get(request.tenant, name):
+        exists = self.registry.get(request.tenant, name) is not None
+        if not request.replace and exists:
             raise ModelExists(f"model '{name}' exists; upload with replace=true to overwrite it")
-        upload = self.uploads.begin(
+        mine = self.registry.list(request.tenant)
+        uploads, reserved = self.uploads.reserved(request.tenant)
+        upload = self.uploads.begin(  # its own checks first: size, digest, disk
             request.tenant, name, request.size, request.sha256, request.replace, request.max_batch
         )
+        try:
+            self.book_of(request.tenant).check_upload(
+                len(mine), sum(m.size for m in mine), uploads, reserved, request.size, exists
+            )
+        except MTError:
+            self.uploads.discard(upload)
+            raise
         self.reply(envelope, Cmd.UPLOAD_BEGIN, {"id": request.id, "upload": upload.handle})
 
     def on_upload_chunk(
@@ -156,13 +169,21 @@ class Frontend:
             raise Overloaded(
                 f"{self.pending_bytes} bytes of inputs already wait for answers; retry later"
             )
+        book = self.book_of(request.tenant)
+        reply_bytes = model.reply_bytes(plan.batch)
+        book.admit_infer(now, reply_bytes)  # RATE_LIMITED / QUOTA_EXCEEDED before anything
         rid = next(self._rids)
         pending = PendingRequest(
             rid, envelope, request.id, model, plan.descs, frames, plan.batch, now, deadline
         )
         pending.nbytes = nbytes
         pending.wire_inputs = plan.wire
-        self.submit(pending, now)
+        pending.tenant, pending.book, pending.reply_bytes = request.tenant, book, reply_bytes
+        try:
+            self.submit(pending, now)
+        except BaseException:
+            book.answered(reply_bytes)  # refused: it holds nothing
+            raise
         self.pending_bytes += nbytes
         give_up = min(deadline + self.config.answer_grace, now + self.config.max_request_time)
         self.pending.insert(pending.rid, give_up, pending)
@@ -192,6 +213,33 @@ class Frontend:
     ) -> None:
         info = self.status_info(request.tenant, request.admin)
         self.reply(envelope, Cmd.STATUS, {"id": request.id, "status_info": info})
+
+    def book_of(self: Broker, tenant: str) -> TenantBook:
+        book = self.books.get(tenant)
+        if book is None:
+            book = self.books[tenant] = TenantBook(tenant, self.limits_of(tenant))
+        return book
+
+    def limits_of(self: Broker, tenant: str) -> TenantLimits:
+        """The broker's default limits with the operator's overrides for this tenant."""
+        principal = self.principals.by_name.get(tenant) if self.principals else None
+        if principal is None:
+            return self.config.tenant_limits
+        try:
+            limits = self.config.tenant_limits.with_overrides(principal.limits)
+        except MTError as exc:
+            log.warning("ignoring the limits of '%s': %s", tenant, exc)
+            limits = self.config.tenant_limits
+        return replace(limits, weight=principal.weight)
+
+    def refresh_books(self: Broker) -> None:
+        """The principals changed: every tenant's limits and weight are read again."""
+        for tenant, book in self.books.items():
+            book.limits = self.limits_of(tenant)
+
+    def tenant_weight(self: Broker, tenant: str) -> float:
+        principal = self.principals.by_name.get(tenant) if self.principals else None
+        return principal.weight if principal is not None else 1.0
 
     def _model(self: Broker, tenant: str, name: str) -> ModelRecord:
         model = self.registry.get(tenant, name)

@@ -46,6 +46,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from broker.fairshare import FairShare
 from broker.ledger import WorkLedger
 from broker.registry import ModelRecord
 from broker.scheduler import OBJECTIVES, QueueScheduler, WorkerPlan
@@ -83,10 +84,11 @@ class PredictiveScheduler(QueueScheduler):
         lookahead_s: float = LOOKAHEAD_S,
         replica_idle_s: float = REPLICA_IDLE_S,
         wait_slack: float = WAIT_SLACK,
+        fair: FairShare | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; available: {OBJECTIVES}")
-        super().__init__(max_queue, predictor)
+        super().__init__(max_queue, predictor, fair)
         self.objective = objective
         self.weight = weight  # tenant -> share weight (fair share comes with tenants)
         self.lookahead_s = lookahead_s
@@ -153,6 +155,14 @@ class PredictiveScheduler(QueueScheduler):
             value = self._load_memo[key] = (us or 0.0) / 1e6
         return value
 
+    def share_cost(self, request: PendingRequest) -> float:
+        return self.exec_s(request.model, request.batch)
+
+    def share_horizon(self, request: PendingRequest, now: float) -> float:
+        """Admission charges a wait with `wait_slack` on top: work queued ahead must fit
+        the budget over (1 + slack), so the share of a horizon is of that part."""
+        return super().share_horizon(request, now) / (1.0 + self.wait_slack)
+
     def is_long(self, model: ModelRecord) -> bool:
         """Whether the model's runs are long against the tightest deadline budget seen in
         the last TIGHT_WINDOW_S: such runs never take a worker's last free executor, so a
@@ -185,7 +195,7 @@ class PredictiveScheduler(QueueScheduler):
         budget over the tenant's weight). Ordering by deadline rather than latest start
         means a request admitted later never overtakes one admitted with the same budget,
         so a promise made at admission is not broken by the next admission."""
-        w = max(self.weight(request.model.tenant), 1e-9)
+        w = max(self.weight(request.who), 1e-9)
         return request.arrival + (request.deadline - request.arrival) / w
 
     def admit(self, request: PendingRequest, now: float) -> None:
@@ -484,7 +494,7 @@ class PredictiveScheduler(QueueScheduler):
                 cap = max(1, head.model.max_batch)
                 rows = min(self.rows.get(head.key, head.batch), cap)
                 waiting = max(1, rows // max(1, head.batch))
-                w = max(self.weight(head.model.tenant), 1e-9)
+                w = max(self.weight(head.who), 1e-9)
                 key = (self.exec_s(head.model, rows) / (waiting * w), head.arrival)
             if key < best_key:
                 best, best_key = sha, key

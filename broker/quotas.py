@@ -35,8 +35,8 @@ class TenantLimits:
 
     models: int = 1000  # models stored
     stored_bytes: int = 64 * GIB  # bytes of models stored
-    uploads: int = 4  # uploads begun and not yet committed or expired
-    upload_bytes: int = 8 * GIB  # bytes those uploads declared
+    uploads: int = 16  # uploads begun and not yet committed or expired
+    upload_bytes: int = 4 * GIB  # bytes those uploads declared
     rate: float = 0.0  # INFER requests per second; 0: unlimited
     burst: float = 0.0  # requests the bucket holds; 0: one second of `rate`
     in_flight: int = 10_000  # INFER requests accepted and not yet answered

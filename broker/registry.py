@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtcore.protocol import TensorDesc
+from mtcore.protocol import DTYPES, TensorDesc
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -55,6 +55,7 @@ class ModelRecord:
     measurements: dict[str, Any] = field(default_factory=dict, compare=False)
     state: str = "ready"
     input_plans: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    reply_row_bytes: int = field(default=0, repr=False, compare=False)  # largest output/row seen
 
     @property
     def batchable(self) -> bool:
@@ -69,6 +70,19 @@ class ModelRecord:
             largest = max(self.profile)
             return self.profile[largest] * rows / largest
         return None
+
+    def reply_bytes(self, rows: int) -> int:
+        """Predicted output bytes of a request of `rows` rows: the largest per row seen,
+        else the signature's (a dynamic dimension counted as 1: learned from results)."""
+        if self.reply_row_bytes:
+            return self.reply_row_bytes * rows
+        total = 0
+        for desc in self.outputs:
+            n = DTYPES[desc.dtype].itemsize
+            for axis, dim in enumerate(desc.shape):
+                n *= rows if (axis == 0 and self.batchable) else max(dim, 1)
+            total += n
+        return total
 
     def to_info(self) -> dict[str, Any]:
         """The protocol's model info map."""

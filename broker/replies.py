@@ -29,7 +29,7 @@ from mtcore.transport import NOBLOCK, send_frames
 
 log = logging.getLogger("mtserve.broker")
 
-REPLY_HWM = 128  # messages ZeroMQ queues per tenant connection before `zmq.Again`
+REPLY_HWM = 32  # messages ZeroMQ queues per tenant connection before `zmq.Again`
 MAX_HELD = 100_000  # replies held per connection at most
 _UNREACHABLE = zmq.EHOSTUNREACH
 
@@ -47,7 +47,10 @@ class ReplyQueue:
     """Per-connection backlogs of replies ZeroMQ could not take yet."""
 
     def __init__(self, sock: zmq.Socket) -> None:
-        sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
+        """`sock` got its SNDHWM of REPLY_HWM before it bound (a listener copies the
+        socket's options when it binds: set later, they would not reach connections)."""
+        if sock.getsockopt(zmq.SNDHWM) != REPLY_HWM:
+            raise ValueError("the frontend must get SNDHWM = REPLY_HWM before it binds")
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock = sock
         self.backlogs: dict[bytes, deque[_Held]] = {}  # routing id -> held replies, in order

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.fairshare import FairShare
 from broker.registry import ModelRecord
 from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from mtcore import actions as wire
@@ -178,8 +181,12 @@ class Scheduler(ABC):
 class QueueScheduler(Scheduler):
     """Per-model queues, worker plans, results, retries and placement mechanics."""
 
-    def __init__(self, max_queue: int, predictor: Predictor | None = None) -> None:
+    def __init__(
+        self, max_queue: int, predictor: Predictor | None = None, fair: FairShare | None = None
+    ) -> None:
         self.max_queue = max_queue  # total queued requests before OVERLOADED
+        # Executor time by tenant weight under overload; off (measuring only) unless given.
+        self.fair = fair or FairShare(lambda tenant: 1.0, enabled=False)
         self.predictor = predictor or Predictor(headroom=PLANNING_HEADROOM)
         self.queues: dict[str, deque[PendingRequest]] = {}  # key -> queued (may hold dead ones)
         self._keys: dict[str, set[str]] = {}  # sha -> keys of its queues
@@ -195,6 +202,15 @@ class QueueScheduler(Scheduler):
 
     def admit(self, request: PendingRequest, now: float) -> None:
         """Raise DeadlineUnmeetable to refuse a request at once; accept by default."""
+
+    def share_horizon(self, request: PendingRequest, now: float) -> float:
+        """Seconds ahead in which the tenant's queued work must fit its share."""
+        return request.deadline - now if request.deadline != math.inf else FAIR_HORIZON_S
+
+    def share_cost(self, request: PendingRequest) -> float:
+        """Predicted executor seconds of a request, run alone, for the fair share."""
+        us = request.model.predicted_us(request.batch)
+        return us / 1e6 if us else 0.0
 
     def enqueue(self, queue: deque[PendingRequest], request: PendingRequest) -> None:
         """Where a new request joins its model's queue: at the back (FIFO)."""
@@ -223,7 +239,12 @@ class QueueScheduler(Scheduler):
     def add_request(self, request: PendingRequest, now: float) -> None:
         if self._queued >= self.max_queue:
             raise Overloaded(f"{self._queued} requests queued; retry later")
+        if not request.retries:  # a retry was admitted once: its tenant is not charged twice
+            cost = self.share_cost(request)
+            self.fair.check(request.who, cost, self.share_horizon(request, now), now)
+            request.share_cost = cost
         self.admit(request, now)
+        self.fair.book(request.who, request.share_cost)
         key = request.key = self.queue_key(request)
         queue = self.queues.get(key)
         if queue is None:
@@ -256,6 +277,7 @@ class QueueScheduler(Scheduler):
     def _unqueue(self, request: PendingRequest) -> None:
         request.queued = False
         self._queued -= 1
+        self.fair.unbook(request.who, request.share_cost)
         self.on_unqueued(request)
 
     def _head(self, key: str) -> PendingRequest | None:
@@ -339,9 +361,15 @@ class QueueScheduler(Scheduler):
     def add_worker(self, worker: WorkerState, now: float) -> None:
         lanes = [now] * max(1, worker.lanes)
         self.plans[worker.wid] = WorkerPlan(worker, lanes=lanes, loader_free=now)
+        self.fair.capacity = self.executors()
+
+    def executors(self) -> int:
+        """Exec executors over all workers: executor-seconds per second of capacity."""
+        return sum(len(p.lanes) for p in self.plans.values())
 
     def remove_worker(self, worker: WorkerState, now: float) -> list[Action]:
         plan = self.plans.pop(worker.wid, None)
+        self.fair.capacity = self.executors()
         if plan is None:
             return []
         lost = list(plan.inflight.values())
@@ -529,18 +557,29 @@ class QueueScheduler(Scheduler):
 
 
 SCHEDULERS = ("predictive", "fifo")
+FAIR_HORIZON_S = 1.0  # the fair share's horizon for a request without a deadline
 OBJECTIVES = ("deadline", "latency")
 
 
 def make_scheduler(
-    name: str, max_queue: int, predictor: Predictor | None = None, objective: str = "deadline"
+    name: str,
+    max_queue: int,
+    predictor: Predictor | None = None,
+    objective: str = "deadline",
+    weight: Callable[[str], float] | None = None,
+    isolation: bool = False,
 ) -> Scheduler:
+    """A scheduler by name. `weight`: tenant -> share weight; `isolation`: hold a tenant
+    over its weighted share of executor time under overload (broker/fairshare.py)."""
+    weight = weight or (lambda tenant: 1.0)
+    fair = FairShare(weight, enabled=isolation)
     if name == "fifo":
         from broker.fifo import FifoLruScheduler
 
-        return FifoLruScheduler(max_queue, predictor)
+        return FifoLruScheduler(max_queue, predictor, fair)
     if name == "predictive":
         from broker.predictive import PredictiveScheduler
 
-        return PredictiveScheduler(max_queue, predictor, objective=objective)
+        return PredictiveScheduler(max_queue, predictor, objective=objective, weight=weight,
+                                   fair=fair)  # fmt: skip
     raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")

@@ -43,6 +43,10 @@ class PendingRequest:
     nbytes: int = 0  # input payload bytes held until answered
     wire_inputs: list[Any] = field(default_factory=list)  # `inputs` as sent to workers
     answered: bool = False  # its one answer was sent (the broker sets it; nothing reruns it)
+    tenant: str = ""  # who asked (the model's owner, or a tenant it is shared with)
+    book: Any = None  # that tenant's TenantBook (broker/quotas.py), charged until answered
+    reply_bytes: int = 0  # predicted output bytes, charged to the book while in flight
+    share_cost: float = 0.0  # predicted executor seconds booked in the fair share
     # Scheduler-owned from here on.
     queued: bool = False  # in a scheduler queue (cleared when taken, expired or cancelled)
     key: str = ""  # which queue: its model's (FIFO), its model's on its planned worker
@@ -51,6 +55,10 @@ class PendingRequest:
     plan: bytes = b""  # the worker admission planned it on (b"": none)
     order_key: float = math.inf  # when earliest-deadline-first order reaches it
     booked: bool = False  # its cost is in its planned worker's ledger
+
+    @property
+    def who(self) -> str:
+        return self.tenant or self.model.tenant
 
     @property
     def stack_key(self) -> tuple[Any, ...]:

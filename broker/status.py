@@ -34,6 +34,15 @@ class StatusReport:
             "tenant": tenant,
             "tenant_models": len(self.registry.list(tenant)),
             "uploads_in_progress": self.uploads.count(tenant),
+            **self.tenant_figures(tenant),
+        }
+
+    def tenant_figures(self: Broker, tenant: str) -> dict[str, Any]:
+        book = self.book_of(tenant)
+        return {
+            "in_flight": book.in_flight,
+            "reply_bytes_held": book.backlog_bytes,
+            "limits": book.limits.to_dict(),
         }
 
     def broker_view(self: Broker, tenant: str) -> dict[str, Any]:
@@ -69,5 +78,11 @@ class StatusReport:
                 tier: self.counters[f"loads_from_{tier}"] for tier in TIERS
             },
             "predicted_within": self.predictor.within_share,  # exec/load within prediction
+            "isolation": self.config.isolation,
+            "throttled_for_share": self.scheduler.fair.throttled,  # over a tenant's share
+            "replies_held": len(self.replies),  # for tenants not reading them
+            "replies_held_bytes": self.replies.held_bytes,
+            "replies_dropped": self.replies.dropped,
+            "tenants": {t: self.tenant_figures(t) for t in sorted(self.books)},
             "answers_by_status": answered,
         }

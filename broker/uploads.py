@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from mtcore.errors import Overloaded, QuotaExceeded, TooLarge, UploadCorrupt
 from mtcore.protocol import check_model_name, check_sha256, check_size
 
 MAX_UPLOADS_PER_TENANT = 16
+DISK_SHARE = 0.9  # uploads in progress may reserve this share of the free disk
 MAX_RANGES = 4096  # disjoint pieces an upload may have at once (bounds bookkeeping)
 
 
@@ -65,7 +67,6 @@ class Uploads:
         self.max_model_bytes = max_model_bytes
         self.active: dict[str, Upload] = {}  # handle -> upload still receiving chunks
         self.held: dict[str, Upload] = {}  # handle -> upload holding disk (incl. committing)
-        self.max_held_bytes = 4 * max_model_bytes  # declared bytes all held uploads may total
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob("*.part"):  # left by a previous broker: never committed
             stale.unlink(missing_ok=True)
@@ -85,11 +86,14 @@ class Uploads:
                 f"tenant has {MAX_UPLOADS_PER_TENANT} uploads in progress or being committed; "
                 "commit them or let them expire"
             )
-        held = sum(u.size for u in self.held.values())
-        if held + size > self.max_held_bytes:
+        # Each tenant's reservations are bounded by its limits (broker/quotas.py); all
+        # together, by the disk they must fit on, not by a count one tenant could fill.
+        unwritten = sum(u.size - u.received() for u in self.held.values())
+        free = shutil.disk_usage(self.directory).free
+        if unwritten + size > DISK_SHARE * free:
             raise Overloaded(
-                f"uploads in progress already hold {held} bytes of disk (limit "
-                f"{self.max_held_bytes}); retry later"
+                f"uploads in progress will need {unwritten} more bytes of the {free} free on "
+                f"disk; {size} more do not fit; retry later"
             )
         handle = secrets.token_hex(12)
         path = self.directory / f"{handle}.part"
@@ -103,6 +107,11 @@ class Uploads:
     def count(self, tenant: str) -> int:
         """Uploads of `tenant` still receiving chunks."""
         return sum(u.tenant == tenant for u in self.active.values())
+
+    def reserved(self, tenant: str) -> tuple[int, int]:
+        """(uploads, declared bytes) `tenant` holds: receiving or being committed."""
+        mine = [u.size for u in self.held.values() if u.tenant == tenant]
+        return len(mine), sum(mine)
 
     def get(self, tenant: str, handle: str) -> Upload:
         upload = self.active.get(handle)

@@ -71,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--profile-batches", default="1,2,4,8,16,32")
     add_scheduler_arguments(b)
     add_insecure_argument(b)
+    add_tenancy_arguments(b)
     b.add_argument(
         "--spin-us",
         type=int,
@@ -147,6 +148,29 @@ def _default_key() -> str | None:
     """The key `mtserve up` writes for its default tenant, when run from the same place."""
     path = Path("state") / "keys" / "default.key_secret"
     return str(path) if path.exists() else None
+
+
+def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="do not hold a tenant over its weighted share of executor time (a baseline)",
+    )
+    parser.add_argument(
+        "--tenant-limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a default limit for every tenant (models, stored_bytes, uploads, upload_bytes,"
+        " rate, burst, in_flight, reply_bytes); `mtserve tenant set` overrides one tenant's",
+    )
+
+
+def tenant_limits(items: list[str]):
+    from broker.quotas import TenantLimits
+
+    pairs = dict(item.partition("=")[::2] for item in items)
+    return TenantLimits().with_overrides({k: float(v) for k, v in pairs.items()})
 
 
 def add_insecure_argument(parser: argparse.ArgumentParser) -> None:
@@ -254,6 +278,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         profile_batches=tuple(int(b) for b in args.profile_batches.split(",")),
         spin_us=args.spin_us,
         insecure=args.insecure,
+        isolation=not args.no_isolation,
+        tenant_limits=tenant_limits(args.tenant_limit),
     )
     broker = Broker(config)
     broker.install_signal_handlers()

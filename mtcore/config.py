@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.quotas import TenantLimits
 from mtcore.protocol import Limits
 
 MIB = 1024 * 1024
@@ -40,6 +41,10 @@ class BrokerConfig:
     # No CURVE: any peer may connect, the header's `tenant` names the tenant and any
     # process may register as a worker. Only for tests and demos on loopback, by choice.
     insecure: bool = False
+    # Under overload, hold the tenant over its weighted share of executor time
+    # (broker/fairshare.py). Off: tenants compete request by request (a baseline).
+    isolation: bool = True
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # defaults per tenant
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)

@@ -120,6 +120,9 @@ def cmd_set(args: argparse.Namespace) -> int:
     for item in args.limit:
         name, _, value = item.partition("=")
         limits[name] = None if value == "default" else float(value)
+    from broker.quotas import TenantLimits
+
+    TenantLimits().with_overrides({k: v for k, v in limits.items() if v is not None})
     principal = _open(args).configure(args.name, weight=args.weight, limits=limits)
     print(f"'{principal.name}': weight {principal.weight:g}, limits {principal.limits}")
     return 0

@@ -42,8 +42,12 @@ def up(tmp_path: Path):
         assert "tenants connect to tcp://127.0.0.1:" in line, line
         yield proc, line.rsplit(" ", 1)[1].strip()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        if proc.poll() is None:  # SIGTERM: `up` stops its broker and workers first
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
 
 

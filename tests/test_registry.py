@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+import broker.uploads as uploads_module
 from bench import zoo
 from broker.commits import CommitValidator, batch_cap
 from broker.registry import ModelStore, Registry
@@ -654,18 +656,21 @@ def test_upload_ranges_match_a_byte_set(pieces: list[tuple[int, int]]) -> None:
         assert all(e < s for e, s in zip(ends, starts, strict=True))  # disjoint and sorted
 
 
-def test_uploads_bound_the_disk_they_hold(tmp_path: Path) -> None:
-    """Declared bytes of uploads in progress or committing are capped; release frees them."""
-    uploads = Uploads(tmp_path / "up", max_model_bytes=100)  # may hold 4 x 100 bytes
+def test_uploads_bound_the_disk_they_hold(tmp_path: Path, monkeypatch) -> None:
+    """Uploads in progress may reserve only what the disk has free (bytes declared and not
+    yet written); a discarded upload frees its reservation, written bytes are on disk."""
+    free = 400 / uploads_module.DISK_SHARE  # so the bound is 400 unwritten bytes
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(uploads_module.shutil, "disk_usage",
+                        lambda path: usage._replace(free=free))  # fmt: skip
+    uploads = Uploads(tmp_path / "up", max_model_bytes=100)
     held = [uploads.begin(f"t{i}", f"m{i}", 90, "a" * 64, False, None) for i in range(4)]
-    with pytest.raises(Overloaded):
+    with pytest.raises(Overloaded, match="free on disk"):
         uploads.begin("t9", "m9", 90, "a" * 64, False, None)
     uploads.discard(held[0])
     fifth = uploads.begin("t9", "m9", 90, "a" * 64, False, None)
-    fifth.file.write(b"x" * 90)
-    fifth.add_range(0, 90)
-    uploads.finish(fifth)  # committing: still held
     with pytest.raises(Overloaded):
         uploads.begin("t8", "m8", 90, "a" * 64, False, None)
-    uploads.release(fifth)
+    fifth.file.write(b"x" * 90)
+    fifth.add_range(0, 90)  # written: no longer a reservation of free space
     uploads.begin("t8", "m8", 90, "a" * 64, False, None)
