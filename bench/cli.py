@@ -6,6 +6,8 @@
     mtbench ccore        each C core module vs its pure-Python twin, on its own path
     mtbench swap         host-tier swap-in vs a fresh session build, per zoo model
     mtbench scheduler    both schedulers: 64 simulated workers, and one real CPU worker
+    mtbench isolation    tenant B bursts to 5x capacity; tenant A keeps its deadlines
+    mtbench curve        what CURVE costs: plain and secure brokers side by side
 
 Ray binds some servers on 0.0.0.0, so with Ray (`--target ray`, `compare --ray`) this
 command re-executes itself in a private network namespace that has only loopback
@@ -97,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("ccore", help="each C core module vs its pure-Python twin", add_help=False)
     sub.add_parser("swap", help="host-tier swap-in vs a fresh session build", add_help=False)
     sub.add_parser("scheduler", help="both schedulers, simulated and real", add_help=False)
+    sub.add_parser(
+        "isolation", help="one tenant bursts, another keeps its deadlines", add_help=False
+    )
+    sub.add_parser("curve", help="what CURVE costs: plain and secure brokers", add_help=False)
     return p
 
 
@@ -339,9 +345,18 @@ def _run_config(
 # ---------------------------------------------------------------------------- main
 
 
+OWN_FLAGS = ("ccore", "swap", "scheduler", "isolation", "curve")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("ccore", "swap", "scheduler"):  # their own flags: see --help
+    if argv and argv[0] in (
+        "ccore",
+        "swap",
+        "scheduler",
+        "isolation",
+        "curve",
+    ):  # own flags: --help
         module = importlib.import_module(f"bench.{argv[0]}")
         return module.main(argv[1:])
     args = parser().parse_args(argv)

@@ -34,6 +34,7 @@ import zmq
 from bench.report import TIMEOUT_STATUS, RequestRecord, ServerSample
 from bench.targets import Inputs, Target
 from bench.workload import Arrival, zipf_weights
+from mtcore import keys
 from mtcore.protocol import TAG, Cmd, encode_header, encode_tensors, frame_bytes
 from mtcore.transport import make_socket, recv_frames, send_frames
 
@@ -342,8 +343,10 @@ def pipelined_throughput(
     tenant: str | None = "bench",
     deadline_ms: float | None = None,
     timeout: float = 60.0,
+    key_file: Any = None,
 ) -> dict[str, Any]:
     """Send `n` requests keeping `window` in flight on one raw DEALER; time the whole run.
+    With `key_file`, the DEALER authenticates with CURVE (a secure broker).
 
     Returns rps (answers / seconds from first send to last answer), answer counts by
     status and one `RequestRecord` per request (latency from its own send). A run with
@@ -354,6 +357,8 @@ def pipelined_throughput(
         header["deadline_ms"] = float(deadline_ms)
     prefix = [b"", TAG, Cmd.INFER.value]
     sock = make_socket(zmq.Context.instance(), zmq.DEALER)
+    if key_file is not None:
+        keys.read(key_file).apply_client(sock)
     sock.connect(address)
     sent_at: dict[int, float] = {}
     done: dict[int, tuple[float, int, int]] = {}  # id -> (latency ms, status, batch)

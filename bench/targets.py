@@ -86,6 +86,7 @@ class _PerLoopClients:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.address = ""
+        self.key_files: dict[str | None, Path] = {}  # tenant -> CURVE key (secure targets)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clients: dict[str | None, Any] = {}
 
@@ -96,7 +97,7 @@ class _PerLoopClients:
             self._loop = loop
         client = self._clients.get(tenant)
         if client is None:
-            client = _status_client(self.address, tenant, self.timeout)
+            client = _status_client(self.address, tenant, self.timeout, self.key_files.get(tenant))
             self._clients[tenant] = client
         return client
 
@@ -107,12 +108,15 @@ class _PerLoopClients:
         self._loop = None
 
 
-def _status_client(address: str, tenant: str | None, timeout: float) -> Any:
+def _status_client(
+    address: str, tenant: str | None, timeout: float, key_file: Path | None = None
+) -> Any:
     """An AsyncClient; INFERs go through `call_raw`, which returns error replies as they are
-    (one exception per rejection would cost more than the rejection on the hot path)."""
+    (one exception per rejection would cost more than the rejection on the hot path).
+    With `key_file`, it authenticates with CURVE (a secure broker ignores `tenant`)."""
     from mtcore.client import AsyncClient
 
-    return AsyncClient(address, tenant=tenant, timeout=timeout)
+    return AsyncClient(address, tenant=tenant, timeout=timeout, key_file=key_file)
 
 
 async def _client_infer(
@@ -174,8 +178,12 @@ class MtserveTarget(_RemoteTarget):
         spin_us: int = 0,
         scheduler: str = "predictive",
         exec_threads: int = 1,
+        secure: bool = False,
+        broker_args: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.secure = secure  # CURVE, a key per tenant (plain like the baselines by default)
+        self.broker_args = list(broker_args)  # more `mtserve broker` options
         self.exec_threads = exec_threads  # each worker's --exec-threads
         self.spin_us = spin_us  # busy-poll window of broker and workers (--spin-us)
         self.scheduler = scheduler  # the broker's --scheduler
@@ -197,7 +205,7 @@ class MtserveTarget(_RemoteTarget):
         self._new_state("mtbench-mtserve-")
         broker_args = ["--profile-batches", self.profile_batches]
         broker_args += ["--max-batch", str(self.max_batch), "--spin-us", str(self.spin_us)]
-        broker_args += ["--scheduler", self.scheduler]
+        broker_args += ["--scheduler", self.scheduler, *self.broker_args]
         self.cluster = LocalCluster(
             self._state,
             workers=self.workers,
@@ -205,13 +213,16 @@ class MtserveTarget(_RemoteTarget):
             threads=self.threads,
             broker_args=broker_args,
             worker_args=["--spin-us", str(self.spin_us), "--exec-threads", str(self.exec_threads)],
-            secure=False,  # like the baselines it is compared with: plain sockets
+            secure=self.secure,
         )
         try:
             self.cluster.start()
             self.address = self.cluster.address
+            if self.secure:
+                self._clients.key_files = {t: self.cluster.add_principal(t) for t in tenants}
             for tenant in tenants:
-                with Client(self.address, tenant=tenant, timeout=300) as client:
+                key = self._clients.key_files.get(tenant)
+                with Client(self.address, tenant=tenant, key_file=key, timeout=300) as client:
                     for name, path in models.items():
                         client.upload_model(name, path, max_batch=self.max_batch)
             self._clients.address = self.address
@@ -230,7 +241,8 @@ class MtserveTarget(_RemoteTarget):
 
         with self._sample_lock:
             if self._sampler is None:
-                self._sampler = Client(self.address, tenant="bench", timeout=10)
+                admin = self.cluster.admin_key if self.secure else None
+                self._sampler = Client(self.address, tenant="bench", key_file=admin, timeout=10)
             return self._sampler.status()
 
     def sample(self, t: float = 0.0) -> ServerSample | None:

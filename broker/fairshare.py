@@ -26,7 +26,7 @@ from collections.abc import Callable
 from mtcore.errors import Overloaded
 
 TAU_S = 1.0  # seconds: time constant of the demand rates
-MARGIN = 1.25  # a tenant within its share may burst to this much of its demand
+MARGIN = 1.5  # held only past this much of its share; one not held may burst this much
 RECOMPUTE_S = 0.01  # shares are recomputed at most this often
 ACTIVE = 1e-3  # demand (executor-seconds per second) below which a tenant is idle
 MIN_WINDOW_S = 0.01  # a demand is never measured over less than this
@@ -91,6 +91,10 @@ class FairShare:
                 f"({queued * 1e3:.1f} ms) already fills its share of the deadline"
             )
 
+    def held(self, tenant: str, now: float) -> bool:
+        """Whether the tenant is held to a share now (over it, under overload)."""
+        return self.enabled and self.capacity > 0 and not math.isinf(self.share(tenant, now))
+
     def share(self, tenant: str, now: float) -> float:
         """The tenant's share of executor time now (inf while it is not to be held)."""
         if now - self._computed >= RECOMPUTE_S:
@@ -108,10 +112,13 @@ class FairShare:
             return {}
         weights = {t: max(self.weight(t), 1e-9) for t in demands}
         level = _water_level(demands, weights, self.capacity)
-        over = {t for t, d in demands.items() if d > level * weights[t]}
-        # Those within their share keep room for bursts; the rest share what is left.
-        reserved = sum(min(MARGIN * d, level * weights[t]) for t, d in demands.items()
-                       if t not in over)  # fmt: skip
+        # Held: a tenant clearly over its share (demands are estimates: one at its share
+        # give or take MARGIN is not held). The others keep their demand and room to
+        # burst; the held ones share what is left by weight.
+        over = {t for t, d in demands.items() if d > MARGIN * level * weights[t]}
+        if not over:
+            return {}
+        reserved = sum(MARGIN * d for t, d in demands.items() if t not in over)
         left = max(0.0, self.capacity - reserved)
         total = sum(weights[t] for t in over) or 1.0
         return {t: left * weights[t] / total for t in over}

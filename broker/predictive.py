@@ -68,6 +68,7 @@ CANDIDATES = 2  # other workers (those free first) considered per decision
 WAIT_SLACK = 0.5
 LONG_SHARE = 0.25  # a run longer than this share of the tightest deadline budget is long
 TIGHT_WINDOW_S = 10.0  # how long the tightest deadline budget seen is remembered
+HELD_WEIGHT = 0.1  # a tenant held to its fair share: its order keys weigh this much
 UNKNOWN_EXEC_S = 0.0  # a model never profiled nor run: admitted (its first runs teach us)
 
 
@@ -156,7 +157,16 @@ class PredictiveScheduler(QueueScheduler):
         return value
 
     def share_cost(self, request: PendingRequest) -> float:
-        return self.exec_s(request.model, request.batch)
+        """The median run on the fastest kind: executor time as it is really spent, in
+        the unit of the fair share's capacity (executors), not the planning margin."""
+        model, best = request.model, None
+        for kind in self._kinds:
+            us = self.predictor.typical_exec_us(model.sha256, kind, request.batch)
+            if us is not None and (best is None or us < best):
+                best = us
+        if best is None:
+            return self.exec_s(model, request.batch)
+        return best / 1e6
 
     def share_horizon(self, request: PendingRequest, now: float) -> float:
         """Admission charges a wait with `wait_slack` on top: work queued ahead must fit
@@ -194,8 +204,13 @@ class PredictiveScheduler(QueueScheduler):
         """Order key: the deadline, brought closer for a heavier tenant (arrival plus its
         budget over the tenant's weight). Ordering by deadline rather than latest start
         means a request admitted later never overtakes one admitted with the same budget,
-        so a promise made at admission is not broken by the next admission."""
+        so a promise made at admission is not broken by the next admission. A tenant the
+        fair share holds (over its share under overload) weighs HELD_WEIGHT as much: the
+        other tenants' requests are planned ahead of its queued ones, so what it was
+        admitted takes the room they leave, not the room they need."""
         w = max(self.weight(request.who), 1e-9)
+        if self.fair.held(request.who, request.arrival):
+            w *= HELD_WEIGHT
         return request.arrival + (request.deadline - request.arrival) / w
 
     def admit(self, request: PendingRequest, now: float) -> None:

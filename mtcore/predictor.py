@@ -129,6 +129,15 @@ class Predictor:
             best = max(own, fallback)  # a thin window: the larger of it and its neighbour
         return None if best is None else best * self.headroom
 
+    def typical_exec_us(self, model: str, kind: str, batch: int) -> float | None:
+        """The median measured exec time of `batch` rows, without headroom: what a run
+        really costs on average (the fair share's unit), not what planning allows."""
+        window = self.exec_windows.get((model, kind, batch))
+        if window is not None and window.samples:
+            return window.estimate(50.0)
+        planned = self.exec_us(model, kind, batch)
+        return None if planned is None else planned / self.headroom
+
     def _other_sizes(self, model: str, kind: str, batch: int) -> float | None:
         """The estimate from other batch sizes: the smallest (well-measured, if any)
         size above `batch`, else the largest scaled linearly."""

@@ -229,7 +229,7 @@ def peek_id(body: list[Any]) -> Any:
     except Exception:
         return None
     value = header.get("id")
-    return value if isinstance(value, int) and value >= 0 else None
+    return value if type(value) is int and value >= 0 else None  # a bool is no id
 
 
 def peek_cmd(body: list[Any]) -> bytes:

@@ -53,6 +53,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         c.stop()
 
 
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One secure (CURVE) broker and one worker, shared by a test module."""
+    c = start_cluster(tmp_path_factory.mktemp("secure"), workers=1, secure=True)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.fixture
 def client(cluster: LocalCluster) -> Iterator[Client]:
     with Client(cluster.address, tenant=f"t{os.getpid()}", timeout=60) as c:

@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,20 +25,11 @@ from mtcore.client import Client
 from mtcore.cluster import LocalCluster
 from mtcore.errors import ModelNotFound, Unauthenticated
 from mtcore.protocol import VERSION, WORKER_TAG, WCmd, build, decode_header
-from tests.conftest import FP32_TOLERANCE, start_cluster
+from tests.conftest import FP32_TOLERANCE
 
 CLI = [sys.executable, "-m", "mtcore.cli", "--log-level", "warning"]
 SILENCE = 2.0  # seconds a refused peer waits for the reply that never comes
 TINY_SHA = hashlib.sha256(zoo.model_bytes("tiny_add")).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = start_cluster(tmp_path_factory.mktemp("secure"), workers=1, secure=True)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def admin_status(cluster: LocalCluster) -> dict:

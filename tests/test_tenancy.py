@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -25,19 +24,9 @@ from mtcore.client import Client
 from mtcore.cluster import LocalCluster
 from mtcore.errors import QuotaExceeded, RateLimited
 from mtcore.protocol import TAG, Cmd, build, decode_header, encode_tensors
-from tests.conftest import start_cluster
 
 CLI = [sys.executable, "-m", "mtcore.cli", "--log-level", "warning"]
 TILE = 65_536  # the Tile model's outputs: 4 floats in, 256 Ki floats (1 MiB) out per row
-
-
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = start_cluster(tmp_path_factory.mktemp("tenancy"), workers=1, secure=True)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def set_limits(cluster: LocalCluster, tenant: str, **limits: float) -> Client:
