@@ -194,9 +194,9 @@ class Backend:
                 },
             )
             return
-        self.send_worker(
-            worker.wid, WCmd.FETCH_MODEL, {"sha256": sha, "status": 0}, [store.read(sha)]
-        )
+        data = store.read(sha)
+        self.meter.shared(self.registry.owners(sha), fetched=len(data))
+        self.send_worker(worker.wid, WCmd.FETCH_MODEL, {"sha256": sha, "status": 0}, [data])
 
     def on_action_result(self: Broker, worker: WorkerState, msg: Message, now: float) -> None:
         try:
@@ -215,6 +215,8 @@ class Backend:
             worker.report(result.tiers)
         if result.ok and isinstance(result, wire.LoadModelResult):
             self.counters[f"loads_from_{result.tier or 'unknown'}"] += 1
+            owners = self.registry.owners(action.sha256)
+            self.meter.shared(owners, load_ms=result.timing.load / 1e3)
         answers = self.scheduler.on_result(action, result, now)
         if isinstance(result, wire.InferResult):
             if answers:  # else the scheduler took the requests back (retried or failed)
@@ -241,6 +243,9 @@ class Backend:
             own = [next(frames, b"") for _ in item.outputs]
             if request is None:
                 continue
+            out_bytes = sum(frame_size(f) for f in own) if item.status == 0 else 0
+            share = request.batch / rows if rows else 1.0
+            self.meter.answered(request.who, timing.exec * share / 1e3, request.nbytes, out_bytes)
             if item.status != 0:
                 self.answer_error(request, error_for(item.status, str(item.error)))
                 continue

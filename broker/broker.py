@@ -43,6 +43,7 @@ from broker.auth import ZapHandler
 from broker.backend import Backend
 from broker.commits import Commits
 from broker.frontend import Frontend
+from broker.metering import Meter
 from broker.principals import Principals, broker_key
 from broker.quotas import TenantBook
 from broker.registry import Registry
@@ -100,6 +101,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         if self.zap is not None:
             self.poller.register(self.zap.sock, zmq.POLLIN)
         self.uploads = Uploads(config.state_dir / "uploads", config.max_model_bytes)
+        self.meter = Meter(self.registry.db)  # usage per tenant, added to the registry
         self.pending = RequestTable()  # rid -> PendingRequest, until answered
         self.pending_bytes = 0  # input bytes those requests hold
         self.counters: Counter[str] = Counter()  # messages by command, loads, evictions
@@ -216,6 +218,22 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         self.uploads.expire(now, self.config.upload_timeout)
         self.expire_profiles(now)
         self.collect_garbage()
+        self.meter_memory(now)
+        self.meter.flush(now)
+
+    def meter_memory(self, now: float) -> None:
+        """Charge each tenant for the bytes of its models the workers say they hold."""
+        if not self.meter.due(now):
+            return
+        blobs = self.registry.owners_by_sha()
+        held = []
+        for worker in self.workers.values():
+            tiers = worker.tiers
+            if tiers is None:
+                continue
+            for tier, shas in (("device", tiers.device_models), ("host", tiers.host_models)):
+                held += [(tier, *blobs[sha]) for sha in shas if sha in blobs]
+        self.meter.sample(now, held)
 
     def shutdown(self) -> None:
         error = ShuttingDown("the broker is stopping; retry against its replacement")
@@ -225,6 +243,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
             self.reply_error(request.envelope, Cmd.INFER, request.client_id, error)
         self.replies.flush()
         self.close_commits(error)
+        self.meter.flush(time.monotonic(), force=True)
         self.uploads.close()
         self.registry.close()
         self.pending.close()

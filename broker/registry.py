@@ -237,6 +237,19 @@ class Registry:
         used = {m.sha256 for m in self.models.values()}
         return [p.stem for p in self.store.root.glob("*/*.onnx") if p.stem not in used]
 
+    def owners(self, sha256: str) -> list[str]:
+        """The tenants with a model of these bytes (usage is split over them)."""
+        return sorted({m.tenant for m in self.models.values() if m.sha256 == sha256})
+
+    def owners_by_sha(self) -> dict[str, tuple[list[str], int]]:
+        """sha256 -> (its owners, its size), for every blob at once."""
+        out: dict[str, tuple[list[str], int]] = {}
+        for m in self.models.values():
+            owners, _ = out.setdefault(m.sha256, ([], m.size))
+            if m.tenant not in owners:
+                owners.append(m.tenant)
+        return out
+
     def sha_in_use(self, sha256: str) -> bool:
         return any(m.sha256 == sha256 for m in self.models.values())
 

@@ -35,8 +35,11 @@ def decode_header(data: Any, max_header_bytes: int) -> dict[str, Any]:
             max_ext_len=0,
             ext_hook=_no_ext,
         )
+    except msgpack.exceptions.StackError:
+        raise ProtocolError("header is nested too deeply to decode") from None
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+        why = str(exc) or type(exc).__name__  # some carry no message at all
+        raise ProtocolError(f"header is not valid msgpack: {why}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     if not _STR_KEYS.issuperset(map(type, header)):

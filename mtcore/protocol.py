@@ -29,6 +29,7 @@ from ext import encode_header as _encode_header
 from mtcore.errors import (
     BadArgument,
     InputInvalid,
+    ModelInvalid,
     ProtocolError,
     TooLarge,
     UnknownCommand,
@@ -298,8 +299,10 @@ def check_sha256(value: str) -> str:
 
 
 def check_size(size: int) -> int:
-    """A declared upload size: a positive byte count."""
-    if size <= 0:
+    """A declared upload size: a positive byte count (an empty file is no model)."""
+    if size == 0:
+        raise ModelInvalid("the model is empty (0 bytes): an ONNX model is never empty")
+    if size < 0:
         raise BadArgument("header field 'size' must be a positive byte count")
     return size
 

@@ -1,4 +1,4 @@
-"""`mtserve tenant add|list|remove|rotate|set`: the operator's keys, in the state directory.
+"""`mtserve tenant add|list|remove|rotate|set|usage`: keys, limits and usage per tenant.
 
 These commands open the broker's registry (`<state_dir>/registry.sqlite`) directly, so
 they work whether the broker runs or not; a running broker picks every change up within
@@ -53,7 +53,11 @@ def add_tenant_parser(sub: argparse._SubParsersAction) -> None:
     )
     st.set_defaults(run=cmd_set)
 
-    for p in (add, ls, rm, rot, st):
+    use = verbs.add_parser("usage", help="per-tenant usage: exec and load ms, bytes, memory")
+    use.add_argument("--json", action="store_true")
+    use.set_defaults(run=cmd_usage)
+
+    for p in (add, ls, rm, rot, st, use):
         p.add_argument("--state-dir", type=Path, default=Path("state"))
 
 
@@ -125,4 +129,25 @@ def cmd_set(args: argparse.Namespace) -> int:
     TenantLimits().with_overrides({k: v for k, v in limits.items() if v is not None})
     principal = _open(args).configure(args.name, weight=args.weight, limits=limits)
     print(f"'{principal.name}': weight {principal.weight:g}, limits {principal.limits}")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """What the broker metered (broker/metering.py), as of its last flush (every 5 s)."""
+    from dataclasses import asdict
+
+    from broker.metering import read_usage
+
+    rows = read_usage(_open(args).db)
+    if args.json:
+        print(json.dumps([asdict(u) for u in rows], indent=2))
+        return 0
+    print(f"{'tenant':<20} {'requests':>9} {'exec ms':>10} {'load ms':>9} {'MB in':>8} "
+          f"{'MB out':>8} {'MB fetched':>10} {'device GB*s':>11} {'host GB*s':>9}")  # fmt: skip
+    for u in rows:
+        mb = [f"{n / 1e6:>{w}.2f}" for n, w in ((u.bytes_in, 8), (u.bytes_out, 8),
+                                                (u.bytes_fetched, 10))]  # fmt: skip
+        print(f"{u.tenant:<20} {u.requests:>9} {u.exec_ms:>10.1f} {u.load_ms:>9.1f} "
+              f"{' '.join(mb)} {u.device_byte_seconds / 1e9:>11.3f}"
+              f" {u.host_byte_seconds / 1e9:>9.3f}")  # fmt: skip
     return 0

@@ -11,7 +11,7 @@ import zmq
 
 from bench import zoo
 from mtcore.client import Client
-from mtcore.errors import WorkerLost
+from mtcore.errors import DeadlineExpired, WorkerLost
 from mtcore.protocol import VERSION, WORKER_TAG, WCmd, build, decode_header
 from tests.conftest import start_cluster
 
@@ -60,6 +60,28 @@ def test_an_unanswered_infer_is_retried_then_answered(tmp_path) -> None:
             status = client.status()
         assert worker.actions.count(WCmd.INFER) == 2  # sent, given up on, retried once
         assert status["actions_expired"] >= 2
+    finally:
+        worker.stop.set()
+        worker.join(10)
+        cluster.stop()
+        ctx.term()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_never_answers_cannot_hold_a_request_past_its_deadline(tmp_path) -> None:
+    """The tenants issue: a fake worker held a 200 ms request for 30 s. The answer now
+    comes DEADLINE_EXPIRED once the deadline and its 2 s grace have passed (the action
+    itself is given up only after --action-timeout, 300 s by default)."""
+    cluster = start_cluster(tmp_path, workers=0)
+    ctx = zmq.Context()
+    worker = SilentWorker(ctx, cluster.backend)
+    try:
+        with Client(cluster.address, tenant="t", timeout=60) as client:
+            client.upload_model("tiny", zoo.model_bytes("tiny_add"))
+            worker.start()
+            with pytest.raises(DeadlineExpired, match="no worker answered by the deadline"):
+                client.infer("tiny", zoo.sample_inputs("tiny_add", 1), deadline_ms=200)
+        assert WCmd.INFER in worker.actions  # it was sent, and never answered
     finally:
         worker.stop.set()
         worker.join(10)

@@ -995,7 +995,7 @@ def test_upload_exists_then_replace(
         pytest.param({"name": 7}, BadArgument, "name", id="name-int"),
         pytest.param({"name": None}, BadArgument, "name", id="name-missing"),
         pytest.param({"size": 1 << 40}, TooLarge, "limit", id="size-over-limit"),
-        pytest.param({"size": 0}, BadArgument, "size", id="size-zero"),
+        pytest.param({"size": 0}, ModelInvalid, "empty", id="size-zero"),
         pytest.param({"size": -5}, BadArgument, "size", id="size-negative"),
         pytest.param({"size": "12"}, BadArgument, "size", id="size-string"),
         pytest.param({"sha256": "abc"}, BadArgument, "sha256", id="sha-short"),

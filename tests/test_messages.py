@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mtcore.errors import BadArgument, InputInvalid, MTError, TooLarge
+from mtcore.errors import BadArgument, InputInvalid, ModelInvalid, MTError, TooLarge
 from mtcore.messages import (
     MESSAGES,
     DeleteModel,
@@ -190,6 +190,7 @@ NAME_RULE = (
     "is not valid: 1-128 characters of letters, digits and ._:- starting with a letter or digit"
 )
 POSITIVE_SIZE = "header field 'size' must be a positive byte count"
+EMPTY_MODEL = "the model is empty (0 bytes): an ONNX model is never empty"
 HEX_SHA = "header field 'sha256' must be 64 hex digits"
 BATCH_RANGE = "header field 'max_batch' must be between 1 and 4096"
 POSITIVE_DEADLINE = "header field 'deadline_ms' must be a positive number"
@@ -213,7 +214,7 @@ FIELD_CASES = [
     case(UB, "size", "12", "header field 'size' must be int, got str"),
     case(UB, "size", 1.0, "header field 'size' must be int, got float"),
     case(UB, "size", True, "header field 'size' must be int, got a boolean"),
-    case(UB, "size", 0, POSITIVE_SIZE),
+    case(UB, "size", 0, EMPTY_MODEL, ModelInvalid),
     case(UB, "size", -5, POSITIVE_SIZE),
     case(UB, "sha256", MISSING, "header field 'sha256' is required"),
     case(UB, "sha256", 5, "header field 'sha256' must be str, got int"),

@@ -17,6 +17,7 @@ from mtcore import errors
 from mtcore.errors import (
     BadArgument,
     InputInvalid,
+    ModelInvalid,
     MTError,
     ProtocolError,
     Status,
@@ -122,6 +123,8 @@ def test_header_not_msgpack(data: bytes) -> None:
     with raises_status(ProtocolError, Status.MALFORMED) as info:
         decode_header(data)
     assert type(info.value) is ProtocolError
+    reason = info.value.message
+    assert reason and not reason.rstrip().endswith(":"), reason  # a reason one can act on
 
 
 def test_header_too_large() -> None:
@@ -381,10 +384,12 @@ def test_upload_field_checks() -> None:
         lambda: check_model_name("a/b"),
         lambda: check_sha256("ab" * 31),
         lambda: check_sha256("g" * 64),
-        lambda: check_size(0),
+        lambda: check_size(-1),
     ):
         with raises_status(BadArgument, Status.BAD_ARGUMENT):
             bad_call()
+    with raises_status(ModelInvalid, Status.MODEL_INVALID):
+        check_size(0)  # an empty file is a bad model, not a bad field
 
 
 # ---------------------------------------------------------------- tensors

@@ -185,3 +185,30 @@ def test_both_schedulers_hold_the_tenant_over_its_share(name: str) -> None:
     assert refused["a"] == 0
     assert refused["b"] > 3000  # most of b's 9000: it had at most two thirds of 3 s
     assert sched.fair.throttled == refused["b"]
+
+
+def test_the_meter_adds_usage_to_the_registry_and_splits_shared_blobs(tmp_path) -> None:
+    import sqlite3
+
+    from broker.metering import Meter, read_usage
+
+    db = sqlite3.connect(tmp_path / "r.sqlite", isolation_level=None)
+    meter = Meter(db)
+    meter.answered("a", exec_ms=2.0, bytes_in=100, bytes_out=40)
+    meter.shared(["a", "b"], load_ms=10.0, fetched=1000)
+    assert not meter.due(0.0)  # the first call starts the memory clock
+    assert meter.due(1.5)
+    meter.sample(1.5, [("device", ["a", "b"], 1000), ("host", ["b"], 10)])
+    meter.flush(1.5)  # not due (every 5 s): nothing written yet
+    assert read_usage(db) == []
+    meter.flush(6.0)
+    meter.answered("a", exec_ms=1.0, bytes_in=1, bytes_out=1)
+    meter.flush(7.0)  # not due: stays in memory
+    assert {u.tenant: u.requests for u in read_usage(db)} == {"a": 1, "b": 0}
+    meter.flush(7.0, force=True)
+    usage = {u.tenant: u for u in read_usage(db)}
+    assert usage["a"].requests == 2 and usage["a"].exec_ms == 3.0
+    assert usage["a"].load_ms == usage["b"].load_ms == 5.0
+    assert usage["a"].bytes_fetched == usage["b"].bytes_fetched == 500
+    assert usage["a"].device_byte_seconds == pytest.approx(750.0)  # 1000 B x 1.5 s / 2
+    assert usage["b"].host_byte_seconds == pytest.approx(15.0)

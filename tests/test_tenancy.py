@@ -7,6 +7,7 @@ runs; each test waits until the tenant's STATUS shows them.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -199,3 +200,26 @@ def test_the_tile_model_really_outputs_a_mebibyte_per_row() -> None:
     onnx.checker.check_model(model)
     dims = model.graph.output[0].type.tensor_type.shape.dim
     assert dims[1].dim_value * 4 == 1 << 20
+
+
+def test_usage_is_metered_per_tenant(secure: LocalCluster) -> None:
+    """`mtserve tenant usage` shows what a tenant's requests cost: exactly its 5."""
+    inputs = zoo.sample_inputs("tiny_add", 2)
+    with secure.client("metered", timeout=120) as metered:
+        metered.upload_model("m", zoo.model_bytes("tiny_add", seed=7))  # its own bytes
+        for _ in range(5):
+            metered.infer("m", inputs)
+    cmd = [*CLI, "tenant", "usage", "--json", "--state-dir", str(secure.state_dir)]
+    stop = time.monotonic() + 60
+    while time.monotonic() < stop:  # the broker adds usage every 5 s
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        rows = {u["tenant"]: u for u in json.loads(done.stdout)}
+        mine = rows.get("metered")
+        if mine and mine["requests"] >= 5 and mine["device_byte_seconds"] > 0:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"usage of 'metered' not recorded within 60 s: {rows.get('metered')}")
+    assert mine["requests"] == 5 and mine["exec_ms"] > 0
+    assert mine["bytes_in"] == 5 * inputs["input"].nbytes and mine["bytes_out"] > 0
