@@ -381,7 +381,7 @@ def test_upload_begin_arguments(uploads: Uploads) -> None:
     upload = uploads.begin("alice", "m", 10, SHA.upper(), True, 4)
     assert upload.sha256 == SHA and upload.replace and upload.max_batch == 4
     cases = [
-        (("alice", "m", 0, SHA), BadArgument),
+        (("alice", "m", 0, SHA), ModelInvalid),  # an empty file is no model
         (("alice", "m", -5, SHA), BadArgument),
         (("alice", "m", (1 << 20) + 1, SHA), TooLarge),
         (("alice", "m", 10, "abc"), BadArgument),
