@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -124,8 +125,7 @@ def capacity_rps(target: MtserveTarget) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    path = Path(args.out) / "models" / "convnet.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="mtbench-isolation-")) / "convnet.onnx"
     path.write_bytes(convnet())
     inputs = {"m": {"x": np.ones((1, 3, 32, 32), np.float32)}}
     t1_ms = inprocess_ms(path, inputs["m"])

@@ -208,21 +208,9 @@ def provision(
     client needs. Returns the file's path (`out`, or `<state_dir>/keys/<name>.key_secret`).
     """
     check_name(name)
-    server = broker_key(state_dir)
-    key = keys.generate(name, role, server.public_key, endpoint or _endpoint(state_dir, role))
-    path = Path(out) if out else key_path(state_dir, name)
+    key = _new_key(state_dir, name, role, endpoint)
     principals.add(name, role, key.public_key, weight)
-    keys.write_secret(path, key)
-    return path
-
-
-def _endpoint(state_dir: Path, role: str) -> str:
-    """Where a running broker of this state directory listens for `role`, if it says."""
-    try:
-        endpoints = json.loads((Path(state_dir) / "endpoints.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    return str(endpoints.get("backend" if role == "worker" else "frontend", ""))
+    return keys.write_secret(Path(out) if out else key_path(state_dir, name), key)
 
 
 def reissue(
@@ -234,10 +222,21 @@ def reissue(
     out: Path | None = None,
 ) -> Path:
     """Rotate `name`'s key: a new pair, the old key refused from the next refresh on."""
-    role = principals.get(name).role
-    server = broker_key(state_dir)
-    key = keys.generate(name, role, server.public_key, endpoint or _endpoint(state_dir, role))
-    path = Path(out) if out else key_path(state_dir, name)
+    key = _new_key(state_dir, name, principals.get(name).role, endpoint)
     principals.rotate(name, key.public_key)
-    keys.write_secret(path, key)
-    return path
+    return keys.write_secret(Path(out) if out else key_path(state_dir, name), key)
+
+
+def _new_key(state_dir: Path, name: str, role: str, endpoint: str) -> keys.KeyFile:
+    """A fresh pair for `name`, naming this broker's key and (if known) its endpoint."""
+    server = broker_key(state_dir)
+    return keys.generate(name, role, server.public_key, endpoint or _endpoint(state_dir, role))
+
+
+def _endpoint(state_dir: Path, role: str) -> str:
+    """Where a running broker of this state directory listens for `role`, if it says."""
+    try:
+        endpoints = json.loads((Path(state_dir) / "endpoints.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(endpoints.get("backend" if role == "worker" else "frontend", ""))

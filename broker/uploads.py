@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from mtcore.errors import Overloaded, QuotaExceeded, TooLarge, UploadCorrupt
+from mtcore.errors import Overloaded, TooLarge, UploadCorrupt
 from mtcore.protocol import check_model_name, check_sha256, check_size
 
-MAX_UPLOADS_PER_TENANT = 16
 DISK_SHARE = 0.9  # uploads in progress may reserve this share of the free disk
 MAX_RANGES = 4096  # disjoint pieces an upload may have at once (bounds bookkeeping)
 
@@ -81,11 +80,6 @@ class Uploads:
         if size > self.max_model_bytes:
             raise TooLarge(f"model of {size} bytes exceeds the limit of {self.max_model_bytes}")
         sha256 = check_sha256(sha256)
-        if sum(u.tenant == tenant for u in self.held.values()) >= MAX_UPLOADS_PER_TENANT:
-            raise QuotaExceeded(
-                f"tenant has {MAX_UPLOADS_PER_TENANT} uploads in progress or being committed; "
-                "commit them or let them expire"
-            )
         # Each tenant's reservations are bounded by its limits (broker/quotas.py); all
         # together, by the disk they must fit on, not by a count one tenant could fill.
         unwritten = sum(u.size - u.received() for u in self.held.values())

@@ -205,6 +205,9 @@ class RogueWorker:
 def test_a_worker_gets_no_bytes_and_forges_no_result_it_was_not_sent(
     secure: LocalCluster,
 ) -> None:
+    """A registered worker asks for a model's bytes it was sent no action for (refused),
+    and sprays results for actions it never got (ids it cannot know: dropped); the
+    tenant's answers stay the real worker's."""
     rogue = RogueWorker(secure)
     inputs = zoo.sample_inputs("tiny_add", 1)
     try:

@@ -25,7 +25,7 @@ from conftest import RawSocket, start_cluster
 from onnx import TensorProto, helper, numpy_helper
 
 from bench import zoo
-from broker.uploads import MAX_UPLOADS_PER_TENANT
+from broker.quotas import TenantLimits
 from mtcore.client import Client
 from mtcore.cluster import LocalCluster
 from mtcore.errors import (
@@ -1034,7 +1034,7 @@ def test_too_many_uploads_in_progress(
     cluster: LocalCluster, probe: dict[str, Any], tc: Client
 ) -> None:
     data = zoo.model_bytes("tiny_add")
-    handles = [begin(tc, f"m{i}", data) for i in range(MAX_UPLOADS_PER_TENANT)]
+    handles = [begin(tc, f"m{i}", data) for i in range(TenantLimits().uploads)]
     with pytest.raises(QuotaExceeded) as info:
         begin(tc, "one-more", data)
     assert info.value.status == 22 and "in progress" in info.value.message

@@ -20,7 +20,6 @@ from bench import zoo
 from broker.commits import CommitValidator, batch_cap
 from broker.registry import ModelStore, Registry
 from broker.uploads import (
-    MAX_UPLOADS_PER_TENANT,
     Upload,
     Uploads,
     check_model_name,
@@ -32,7 +31,6 @@ from mtcore.errors import (
     InputInvalid,
     ModelInvalid,
     Overloaded,
-    QuotaExceeded,
     Status,
     TooLarge,
     UploadCorrupt,
@@ -395,16 +393,6 @@ def test_upload_begin_arguments(uploads: Uploads) -> None:
         assert info.value.status == exc.status
     assert len(uploads.active) == 1  # failed begins leave nothing behind
     assert len(list(uploads.directory.iterdir())) == 1
-
-
-def test_upload_quota_per_tenant(uploads: Uploads) -> None:
-    mine = [begin(uploads, "alice") for _ in range(MAX_UPLOADS_PER_TENANT)]
-    with pytest.raises(QuotaExceeded) as info:
-        begin(uploads, "alice")
-    assert info.value.status == Status.QUOTA_EXCEEDED
-    begin(uploads, "bob")  # another tenant is not affected
-    uploads.discard(mine[0])
-    begin(uploads, "alice")  # a freed slot can be reused
 
 
 @pytest.mark.parametrize(
