@@ -89,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
         "--host-memory-mb", type=int, default=4096, help="host tier: the page pool for weights"
     )
     w.add_argument("--page-kb", type=int, default=1024, help="the host pool's page size")
+    w.add_argument(
+        "--run-memory-mb", type=int, default=4096,
+        help="activation memory one process may hold while running models; a run asking more "
+        "fails with EXEC_FAILED (0: no wall)",
+    )  # fmt: skip
     w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     w.add_argument("--exec-threads", type=int, default=1, help="exec executors (batches at once)")
     w.add_argument(
@@ -312,6 +317,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name=args.name,
         memory_budget=args.memory_mb * MIB,
         host_budget=args.host_memory_mb * MIB,
+        run_memory=args.run_memory_mb * MIB,
         page_size=args.page_kb * 1024,
         intra_op_threads=args.threads,
         exec_threads=args.exec_threads,

@@ -58,6 +58,7 @@ class WorkerConfig:
     name: str = ""  # defaults to worker-<pid>
     memory_budget: int = 2 * GIB  # device tier: measured bytes of runnable sessions
     host_budget: int = 4 * GIB  # host tier: the page pool holding prepared weights
+    run_memory: int = 4 * GIB  # wall of the activation arena: a run asking more fails; 0: none
     page_size: int = 1 * MIB  # the host pool's page; larger tensors take contiguous runs
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 lets ORT choose
     exec_threads: int = 1  # exec executors; each runs one batch at a time

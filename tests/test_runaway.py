@@ -71,3 +71,42 @@ def test_runaway_model_is_stopped_and_the_worker_keeps_serving(tmp_path) -> None
         assert cluster.workers[0].poll() is None
     finally:
         cluster.stop()
+
+
+def expand_model() -> bytes:
+    """y = x broadcast to the shape given by the int64 input `shape`: a graph that asks
+    at run time for as much memory as its caller says."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "cols"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@pytest.mark.slow
+def test_a_run_past_the_memory_wall_fails_alone(tmp_path) -> None:
+    cluster = start_cluster(
+        tmp_path, workers=1, broker_args=["--profile-batches", "1"],
+        worker_args=["--run-memory-mb", "256"],
+    )  # fmt: skip
+    try:
+        with Client(cluster.address, tenant="hog", timeout=60) as c:
+            c.upload_model("expand", expand_model())
+            one = np.ones(1, np.float32)
+            small = c.infer("expand", {"x": one, "shape": np.array([64, 64], np.int64)})
+            assert small["y"].shape == (64, 64)
+            with pytest.raises(ExecFailed, match="smaller than requested bytes"):
+                c.infer("expand", {"x": one, "shape": np.array([100_000, 100_000], np.int64)})
+            again = c.infer("expand", {"x": one, "shape": np.array([1000, 1000], np.int64)})
+            assert again["y"].shape == (1000, 1000)
+        assert cluster.workers[0].poll() is None
+    finally:
+        cluster.stop()

@@ -103,6 +103,18 @@ def session_options(threads: int) -> Any:
 
 _shared_arena = threading.Lock()  # held while the process-wide arena is registered
 _arena_registered = False
+_run_memory = 0  # the arena's wall in bytes (0: none); set before the first session
+
+
+def set_run_memory(nbytes: int) -> None:
+    """Wall the process-wide activation arena at `nbytes`: a run that asks for more fails
+    (its request gets EXEC_FAILED) instead of growing the worker until the OS kills it.
+    ONNX Runtime fixes the arena when it is registered, so this must come first."""
+    global _run_memory
+    with _shared_arena:
+        if _arena_registered and nbytes != _run_memory:
+            raise RuntimeError("the run-memory wall is fixed once the first session exists")
+        _run_memory = nbytes
 
 
 def shared_arena_options(threads: int) -> Any:
@@ -113,6 +125,8 @@ def shared_arena_options(threads: int) -> Any:
     session at batch 1, more than the weights it shares once it has run. With one arena
     registered on ORT's environment and `session.use_env_allocators`, runnable copies
     cost only their graph and kernels, and activations are reused across sessions.
+    The arena is walled at `set_run_memory`'s bytes: a hostile model that computes a
+    huge shape from its input (Expand, Tile, ConstantOfShape) fails that run, alone.
     """
     import onnxruntime as ort
 
@@ -122,7 +136,8 @@ def shared_arena_options(threads: int) -> Any:
             info = ort.OrtMemoryInfo(
                 "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
             )
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+            config = {"max_mem": _run_memory, "arena_extend_strategy": 1}  # 1: as requested
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(config))
             _arena_registered = True
     options = session_options(threads)
     options.add_session_config_entry("session.use_env_allocators", "1")

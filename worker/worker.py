@@ -66,7 +66,7 @@ from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
 from worker.executor import EXEC, LOADER, ExecutorThread, Job, result_frames
 from worker.loader import NEED_BYTES, Loader
 from worker.runner import INLINE_LIMIT_S, STOPPED, Runner
-from worker.tiers import DeviceTier, HostTier
+from worker.tiers import DeviceTier, HostTier, set_run_memory
 from worker.watchdog import Watchdog
 
 log = logging.getLogger("mtserve.worker")
@@ -97,6 +97,7 @@ class Worker:
         self.name = config.name or f"worker-{os.getpid()}"
         threads = session_threads(config)
         self.watchdog = Watchdog()
+        set_run_memory(config.run_memory)
         workdir = Path(tempfile.mkdtemp(prefix="mtserve-tiers-"))
         self.host = HostTier(PagePool(config.host_budget, config.page_size), workdir)
         self.device = DeviceTier(config.memory_budget, busy=self.has_queued_infers)
