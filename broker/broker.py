@@ -90,6 +90,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         self.server_key: KeyFile | None = None
         if not config.insecure:
             self.principals = Principals(self.registry.db)
+            self.principals_seen = self.principals.generation
             self.zap = ZapHandler(self.ctx, self.principals)
             self.server_key = broker_key(config.state_dir)
         self.frontend = self._bind(config.frontend, self.limits.max_frame_bytes, "tenant")
@@ -208,9 +209,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
 
     def tick(self, now: float) -> None:
         """Housekeeping: keys changed outside, lost workers, heartbeats, expiries, garbage."""
-        if self.principals is not None and self.principals.refresh():
-            self.revoke_workers()
-            self.refresh_books()
+        self.refresh_principals()
         self.purge_lost_workers(now)
         self.expire_actions(now)
         self.send_heartbeats(now)
@@ -220,6 +219,17 @@ class Broker(Frontend, Commits, Backend, StatusReport):
         self.collect_garbage()
         self.meter_memory(now)
         self.meter.flush(now)
+
+    def refresh_principals(self) -> None:
+        """Re-read keys, limits and grants if `mtserve tenant` changed them."""
+        if self.principals is None:
+            return
+        self.principals.refresh()  # the ZAP handler may have re-read it already: compare
+        if self.principals.generation != self.principals_seen:
+            self.principals_seen = self.principals.generation
+            self.revoke_workers()
+            self.refresh_books()
+            self.registry.load_shares()  # `mtserve tenant remove` drops the removed's grants
 
     def meter_memory(self, now: float) -> None:
         """Charge each tenant for the bytes of its models the workers say they hold."""

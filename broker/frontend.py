@@ -23,17 +23,19 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from broker.quotas import TenantBook, TenantLimits
-from broker.registry import ModelRecord
+from broker.registry import MAX_GRANTEES, SHARE_SEP, ModelRecord
 from broker.state import PendingRequest
 from broker.validate import plan_inputs
 from mtcore import messages
 from mtcore.errors import (
     BadArgument,
+    Forbidden,
     InternalError,
     ModelExists,
     ModelNotFound,
     MTError,
     Overloaded,
+    QuotaExceeded,
     Unauthenticated,
 )
 from mtcore.protocol import (
@@ -69,6 +71,7 @@ class Frontend:
             Cmd.INFO: self.on_info,
             Cmd.DELETE: self.on_delete,
             Cmd.STATUS: self.on_status,
+            Cmd.SHARE: self.on_share,
         }
         self.by_command: Counter[Cmd] = Counter()  # tenant requests by command
         self._rids = itertools.count(secrets.randbits(40) << 16)  # request ids (random start)
@@ -192,21 +195,50 @@ class Frontend:
         self: Broker, envelope: list[Any], request: messages.ListModels, payload: list[Any]
     ) -> None:
         models = [m.to_info() for m in self.registry.list(request.tenant)]
-        self.reply(envelope, Cmd.LIST, {"id": request.id, "models": models})
+        shared = [shared_info(m) for m in self.registry.shared_with(request.tenant)]
+        self.reply(envelope, Cmd.LIST, {"id": request.id, "models": models, "shared": shared})
 
     def on_info(
         self: Broker, envelope: list[Any], request: messages.GetModelInfo, payload: list[Any]
     ) -> None:
         model = self._model(request.tenant, request.model)
-        self.reply(envelope, Cmd.INFO, {"id": request.id, "model": model.to_info()})
+        info = model.to_info() if model.tenant == request.tenant else shared_info(model)
+        self.reply(envelope, Cmd.INFO, {"id": request.id, "model": info})
 
     def on_delete(
         self: Broker, envelope: list[Any], request: messages.DeleteModel, payload: list[Any]
     ) -> None:
-        model = self._model(request.tenant, request.model)
+        model = self._own_model(request.tenant, request.model)
         self.registry.delete(request.tenant, model.name)
         self.release_blob(model.sha256)
         self.reply(envelope, Cmd.DELETE, {"id": request.id})
+
+    def on_share(
+        self: Broker, envelope: list[Any], request: messages.ShareModel, payload: list[Any]
+    ) -> None:
+        model = self._own_model(request.tenant, request.model)
+        for grantee in request.grant:
+            self._check_grantee(grantee)
+        now = set(self.registry.grantees(model.tenant, model.name))
+        after = (now | set(request.grant)) - set(request.revoke)
+        if len(after) > MAX_GRANTEES:
+            raise QuotaExceeded(
+                f"model '{model.name}' may be shared with at most {MAX_GRANTEES} tenants"
+            )
+        shared = self.registry.share(model.tenant, model.name, list(request.grant),
+                                     list(request.revoke))  # fmt: skip
+        reply = {"id": request.id, "model": model.name, "shared_with": shared}
+        self.reply(envelope, Cmd.SHARE, reply)
+
+    def _check_grantee(self: Broker, name: str) -> None:
+        """A secure broker shares only with tenants it knows (workers are not tenants)."""
+        if self.principals is None:
+            return
+        if name not in self.principals.by_name:
+            self.refresh_principals()  # added a moment ago, before the next tick?
+        principal = self.principals.by_name.get(name)
+        if principal is None or principal.role == "worker":
+            raise BadArgument(f"no tenant '{name}' to share with; `mtserve tenant list` names them")
 
     def on_status(
         self: Broker, envelope: list[Any], request: messages.GetStatus, payload: list[Any]
@@ -241,8 +273,29 @@ class Frontend:
         principal = self.principals.by_name.get(tenant) if self.principals else None
         return principal.weight if principal is not None else 1.0
 
-    def _model(self: Broker, tenant: str, name: str) -> ModelRecord:
-        model = self.registry.get(tenant, name)
+    def _model(self: Broker, tenant: str, ref: str) -> ModelRecord:
+        """A model the tenant may run and inspect: its own, or `owner/name` shared with it.
+        Not found reads the same whether or not another tenant has such a model."""
+        model = self.registry.resolve(tenant, ref)
         if model is None:
-            raise ModelNotFound(f"no model '{name}' for tenant '{tenant}'; `list` shows yours")
+            raise ModelNotFound(
+                f"no model '{ref}' for tenant '{tenant}'; `list` shows yours and those "
+                "shared with you"
+            )
         return model
+
+    def _own_model(self: Broker, tenant: str, ref: str) -> ModelRecord:
+        """A model the tenant may change (delete, share): only its own."""
+        model = self._model(tenant, ref)
+        if model.tenant != tenant:
+            raise Forbidden(f"model '{ref}' is shared with you read-only; only its owner "
+                            "may delete or share it")  # fmt: skip
+        return model
+
+
+def shared_info(model: ModelRecord) -> dict[str, Any]:
+    """A model's info as a tenant it is shared with sees it: named `owner/name`."""
+    info = model.to_info()
+    info["name"] = f"{model.tenant}{SHARE_SEP}{model.name}"
+    info["owner"] = model.tenant
+    return info

@@ -21,6 +21,7 @@ hand out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -103,6 +104,7 @@ class Principals:
         self.by_key: dict[str, Principal] = {}
         self.by_name: dict[str, Principal] = {}
         self._version = -1
+        self.generation = 0  # how many times the table was (re)read: who reads it compares
         self.refresh()
 
     @classmethod
@@ -128,6 +130,7 @@ class Principals:
         found = [Principal(n, r, k, w, json.loads(lim), c) for n, r, k, w, lim, c in rows]
         self.by_key = {p.public_key: p for p in found}
         self.by_name = {p.name: p for p in found}
+        self.generation += 1
         return True
 
     def list(self) -> list[Principal]:
@@ -158,7 +161,9 @@ class Principals:
     def remove(self, name: str) -> Principal:
         principal = self.get(name)
         self.db.execute("DELETE FROM principals WHERE name = ?", (name,))
-        self.refresh()
+        with contextlib.suppress(sqlite3.OperationalError):  # no shares table yet: none to drop
+            self.db.execute("DELETE FROM shares WHERE grantee = ?", (name,))  # a new one by
+        self.refresh()  # this name must not inherit them
         return principal
 
     def rotate(self, name: str, public_key: str) -> Principal:

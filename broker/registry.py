@@ -33,7 +33,15 @@ CREATE TABLE IF NOT EXISTS models (
     measurements TEXT NOT NULL DEFAULT '{}',  -- JSON: the worker's profile (see ModelRecord)
     PRIMARY KEY (tenant, name)
 );
+CREATE TABLE IF NOT EXISTS shares (  -- read-only grants: grantee may run and inspect
+    owner      TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    grantee    TEXT NOT NULL,
+    PRIMARY KEY (owner, name, grantee)
+);
 """
+SHARE_SEP = "/"  # a shared model is named "<owner>/<name>": neither part may contain it
+MAX_GRANTEES = 256  # tenants one model may be shared with
 
 
 @dataclass
@@ -150,7 +158,9 @@ class Registry:
         self.db.executescript(_SCHEMA)
         self._migrate()
         self.models: dict[tuple[str, str], ModelRecord] = {}  # (tenant, name) -> record
+        self.shares: dict[tuple[str, str], set[str]] = {}  # (owner, name) -> grantees
         self._load()
+        self.load_shares()
 
     def _migrate(self) -> None:
         """Registries written before a column existed get it, with its default."""
@@ -179,8 +189,57 @@ class Registry:
                 json.loads(meas),
             )
 
+    def load_shares(self) -> None:
+        """(Re)read the grants: `mtserve tenant remove` drops a removed tenant's."""
+        shares: dict[tuple[str, str], set[str]] = {}
+        for owner, name, grantee in self.db.execute("SELECT owner, name, grantee FROM shares"):
+            shares.setdefault((owner, name), set()).add(grantee)
+        self.shares = shares
+
     def get(self, tenant: str, name: str) -> ModelRecord | None:
         return self.models.get((tenant, name))
+
+    def resolve(self, tenant: str, ref: str) -> ModelRecord | None:
+        """The model `tenant` may run and inspect by `ref`: its own `name`, or
+        `owner/name` if the owner shared it with `tenant`. None otherwise, whether or not
+        the model exists: a tenant learns nothing of models not shared with it."""
+        owner, sep, name = ref.partition(SHARE_SEP)
+        if not sep:
+            return self.models.get((tenant, ref))
+        if owner != tenant and tenant not in self.shares.get((owner, name), ()):
+            return None
+        return self.models.get((owner, name))
+
+    def grantees(self, owner: str, name: str) -> list[str]:
+        return sorted(self.shares.get((owner, name), ()))
+
+    def share(self, owner: str, name: str, grant: list[str], revoke: list[str]) -> list[str]:
+        """Grant and revoke read-only access to one model; the grantees after."""
+        current = self.shares.setdefault((owner, name), set())
+        for grantee in revoke:
+            self.db.execute(
+                "DELETE FROM shares WHERE owner = ? AND name = ? AND grantee = ?",
+                (owner, name, grantee),
+            )
+            current.discard(grantee)
+        for grantee in grant:
+            self.db.execute(
+                "INSERT OR IGNORE INTO shares (owner, name, grantee) VALUES (?, ?, ?)",
+                (owner, name, grantee),
+            )
+            current.add(grantee)
+        if not current:
+            del self.shares[(owner, name)]
+        return sorted(current)
+
+    def shared_with(self, tenant: str) -> list[ModelRecord]:
+        """Other tenants' models shared with `tenant`, by owner then name."""
+        found = [
+            self.models[key]
+            for key, grantees in self.shares.items()
+            if tenant in grantees and key in self.models
+        ]
+        return sorted(found, key=lambda m: (m.tenant, m.name))
 
     def list(self, tenant: str) -> list[ModelRecord]:
         return sorted((m for (t, _), m in self.models.items() if t == tenant), key=lambda m: m.name)
@@ -230,6 +289,8 @@ class Registry:
 
     def delete(self, tenant: str, name: str) -> ModelRecord | None:
         self.db.execute("DELETE FROM models WHERE tenant = ? AND name = ?", (tenant, name))
+        self.db.execute("DELETE FROM shares WHERE owner = ? AND name = ?", (tenant, name))
+        self.shares.pop((tenant, name), None)
         return self.models.pop((tenant, name), None)
 
     def orphans(self) -> list[str]:

@@ -121,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
         ("status", cmd_status, "print the broker's status"),
         ("list", cmd_list, "list your models"),
         ("delete", cmd_delete, "delete a model"),
+        ("share", cmd_share, "let other tenants run one of your models, read-only"),
     ):
         c = sub.add_parser(name, help=text)
         c.add_argument(
@@ -135,8 +136,11 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--tenant", default=None, help="insecure brokers only: the tenant name")
         c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
         c.set_defaults(run=fn)
-        if name in ("upload", "infer", "delete"):
-            c.add_argument("model", help="model name")
+        if name in ("upload", "infer", "delete", "share"):
+            c.add_argument("model", help="model name (owner/name: one shared with you)")
+        if name == "share":
+            c.add_argument("--grant", action="append", default=[], metavar="TENANT")
+            c.add_argument("--revoke", action="append", default=[], metavar="TENANT")
         if name == "upload":
             c.add_argument("file", type=Path)
             c.add_argument("--replace", action="store_true")
@@ -344,9 +348,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    with Client(
-        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
-    ) as client:
+    with _client(args) as client:
         info = client.upload_model(
             args.model, args.file, replace=args.replace, max_batch=args.max_batch
         )
@@ -355,9 +357,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    with Client(
-        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
-    ) as client:
+    with _client(args) as client:
         info = client.model_info(args.model)
         inputs = {k: np.load(v) for k, v in (s.split("=", 1) for s in args.input)}
         rng = np.random.default_rng(0)
@@ -378,29 +378,37 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(
-        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
-    ) as client:
+    with _client(args) as client:
         print(json.dumps(client.status(), indent=2))
     return 0
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """The client a tenant command connects with: its address, key file or tenant."""
+    return Client(args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    with Client(
-        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
-    ) as client:
+    with _client(args) as client:
         for m in client.list_models():
             print(
                 f"{m['name']:24} {m['size']:>12} bytes  max_batch={m['max_batch']}  "
                 f"{m['sha256'][:12]}  profile={m['profile']}"
             )
+        for m in client.shared_models():
+            print(f"{m['name']:24} {m['size']:>12} bytes  shared with you by {m['owner']}")
+    return 0
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        shared = client.share_model(args.model, grant=args.grant, revoke=args.revoke)
+    print(f"'{args.model}' is shared with: {', '.join(shared) or 'nobody'}")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with Client(
-        args.address, tenant=args.tenant, key_file=args.key_file, timeout=args.timeout
-    ) as client:
+    with _client(args) as client:
         client.delete_model(args.model)
     return 0
 

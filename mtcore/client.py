@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,18 @@ class Client(_Base):
     def delete_model(self, name: str) -> None:
         self.call(Cmd.DELETE, {"model": name})
 
+    def shared_models(self) -> list[dict[str, Any]]:
+        """Other tenants' models shared with this one, named `owner/name`."""
+        return self.call(Cmd.LIST).header.get("shared", [])
+
+    def share_model(
+        self, name: str, grant: Sequence[str] = (), revoke: Sequence[str] = ()
+    ) -> list[str]:
+        """Let `grant` run and inspect the model read-only, stop `revoke`; the tenants it
+        is shared with after."""
+        header = {"model": name, "grant": list(grant), "revoke": list(revoke)}
+        return self.call(Cmd.SHARE, header).header["shared_with"]
+
     def status(self) -> dict[str, Any]:
         return self.call(Cmd.STATUS).header["status_info"]
 
@@ -322,6 +334,15 @@ class AsyncClient(_Base):
 
     async def delete_model(self, name: str) -> None:
         await self.call(Cmd.DELETE, {"model": name})
+
+    async def shared_models(self) -> list[dict[str, Any]]:
+        return (await self.call(Cmd.LIST)).header.get("shared", [])
+
+    async def share_model(
+        self, name: str, grant: Sequence[str] = (), revoke: Sequence[str] = ()
+    ) -> list[str]:
+        header = {"model": name, "grant": list(grant), "revoke": list(revoke)}
+        return (await self.call(Cmd.SHARE, header)).header["shared_with"]
 
     async def status(self) -> dict[str, Any]:
         return (await self.call(Cmd.STATUS)).header["status_info"]

@@ -221,6 +221,42 @@ class DeleteModel(_ModelRequest):
     """DELETE: remove a model; its bytes go once nothing uses them."""
 
 
+@dataclass(frozen=True, slots=True)
+class ShareModel(_ModelRequest):
+    """SHARE: let other tenants run and inspect one of the tenant's models, read-only;
+    or stop letting them. The reply lists every tenant it is shared with after."""
+
+    grant: tuple[str, ...] = ()  # tenants that may use it from now on
+    revoke: tuple[str, ...] = ()  # tenants that may no longer use it
+
+    @classmethod
+    def from_header(
+        cls, header: dict[str, Any], limits: Limits = DEFAULT_LIMITS, by: Sender = None
+    ) -> ShareModel:
+        by = by or sender(header)
+        model = field(header, "model", str)
+        grant, revoke = _tenants(header, "grant", by.tenant), _tenants(header, "revoke", by.tenant)
+        if set(grant) & set(revoke):
+            raise BadArgument("a tenant cannot be in both 'grant' and 'revoke'")
+        return cls(by.id, by.tenant, model, grant, revoke, admin=by.admin)
+
+
+MAX_SHARE_NAMES = 256  # tenants one SHARE may name in each of grant and revoke
+
+
+def _tenants(header: dict[str, Any], key: str, me: str) -> tuple[str, ...]:
+    names = field(header, key, list, [])
+    if len(names) > MAX_SHARE_NAMES:
+        raise BadArgument(f"header field '{key}' names at most {MAX_SHARE_NAMES} tenants")
+    for name in names:
+        if not isinstance(name, str) or not _TENANT.fullmatch(name):
+            raise BadArgument(f"header field '{key}' must list tenant names (1-64 of ._- "
+                              "letters and digits)")  # fmt: skip
+        if name == me:
+            raise BadArgument(f"header field '{key}' names yourself; you own the model")
+    return tuple(dict.fromkeys(names))
+
+
 MESSAGES: dict[Cmd, type[TenantRequest]] = {
     Cmd.PING: Ping,
     Cmd.UPLOAD_BEGIN: UploadBegin,
@@ -231,6 +267,7 @@ MESSAGES: dict[Cmd, type[TenantRequest]] = {
     Cmd.INFO: GetModelInfo,
     Cmd.DELETE: DeleteModel,
     Cmd.STATUS: GetStatus,
+    Cmd.SHARE: ShareModel,
 }  # command -> the struct its request decodes into
 
 

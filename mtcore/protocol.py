@@ -54,6 +54,7 @@ class Cmd(bytes, Enum):
     INFO = b"\x07"
     DELETE = b"\x08"
     STATUS = b"\x09"
+    SHARE = b"\x0a"
 
 
 class WCmd(bytes, Enum):

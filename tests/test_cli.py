@@ -68,12 +68,18 @@ def test_up_upload_infer_status_and_clean_stop(up, tmp_path: Path) -> None:
     listed = run("list", *key)  # the key file names the broker's endpoint too
     assert listed.stdout.startswith("m1 "), listed.stderr
 
+    admin = ["--key-file", str(keys / "cluster-admin.key_secret")]
+    shared = run("share", *key, "m1", "--grant", "cluster-admin")
+    assert shared.stdout.strip() == "'m1' is shared with: cluster-admin", shared.stderr
+    assert "default/m1" in run("list", "--address", address, *admin).stdout
+    borrowed = run("infer", "--address", address, *admin, "default/m1", "--batch", "2")
+    assert "logits: float32[2, 10]" in borrowed.stdout, borrowed.stderr
+
     missing = run("infer", "--address", address, *key, "nope")
     assert missing.returncode == 2 and "[30 MODEL_NOT_FOUND]" in missing.stderr
 
     mine = json.loads(run("status", *key).stdout)
     assert mine["tenant"] == "default" and mine["tenant_models"] == 1 and "workers" not in mine
-    admin = ["--key-file", str(keys / "cluster-admin.key_secret")]
     status = json.loads(run("status", "--address", address, *admin).stdout)
     broker_pid = status["pid"]
     assert len(status["workers"]) == 1 and status["secure"] is True

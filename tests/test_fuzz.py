@@ -90,6 +90,7 @@ ALLOWED: dict[Cmd, frozenset[int]] = {
     Cmd.INFO: frozenset({0, 14, 30}),
     Cmd.DELETE: frozenset({0, 14, 30}),
     Cmd.STATUS: frozenset({0}),
+    Cmd.SHARE: frozenset({0, 14, 21, 22, 30}),
 }
 # The fields of a successful reply (section 7), by type.
 SUCCESS_FIELDS: dict[Cmd, dict[str, type]] = {
@@ -102,6 +103,7 @@ SUCCESS_FIELDS: dict[Cmd, dict[str, type]] = {
     Cmd.INFO: {"model": dict},
     Cmd.DELETE: {},
     Cmd.STATUS: {"status_info": dict},
+    Cmd.SHARE: {"shared_with": list},
 }
 KEYS: dict[Cmd, tuple[str, ...]] = {
     Cmd.PING: (),
@@ -113,6 +115,7 @@ KEYS: dict[Cmd, tuple[str, ...]] = {
     Cmd.INFO: ("model",),
     Cmd.DELETE: ("model",),
     Cmd.STATUS: (),
+    Cmd.SHARE: ("model", "grant", "revoke"),
 }
 ALL_KEYS = ("id", "tenant", *sorted({k for ks in KEYS.values() for k in ks}))
 
@@ -460,6 +463,8 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "upload": st.sampled_from(["0" * 24, "f" * 24, ""]),
     "offset": st.sampled_from([0, -1, 1, len(TINY), 2**63 - 1]),
     "inputs": DESCS,
+    "grant": st.lists(TENANTS, max_size=3),
+    "revoke": st.lists(TENANTS, max_size=3),
     "deadline_ms": st.sampled_from(
         [5000, 5000.0, 0, -1, 1e9, 1e9 - 1, 1e-3, float("nan"), float("inf"), True]
     )
@@ -549,7 +554,7 @@ FRAME_OPS = st.one_of(
     st.tuples(st.just("tag"), st.sampled_from([b"MTS2", b"MTW1", b"mts1", b"MTS", b"MTS11", b""])),
     st.tuples(st.just("tag"), st.binary(max_size=8)),
     st.tuples(
-        st.just("cmd"), st.sampled_from([b"\x00", b"\x0a", b"\xff", b"\x01\x01", b"", b"\x06\x00"])
+        st.just("cmd"), st.sampled_from([b"\x00", b"\x0b", b"\xff", b"\x01\x01", b"", b"\x06\x00"])
     ),
     st.tuples(st.just("cmd"), st.binary(max_size=3)),
 )
@@ -571,6 +576,8 @@ def base_message(session: Session, cmd: Cmd) -> tuple[dict[str, Any], list[bytes
                 "deadline_ms": 10_000.0}, [x.tobytes()]  # fmt: skip
     if cmd in (Cmd.INFO, Cmd.DELETE):
         return {"model": MODEL}, []
+    if cmd is Cmd.SHARE:
+        return {"model": MODEL, "grant": [WITNESS]}, []
     return {}, []
 
 

@@ -24,6 +24,7 @@ from mtcore.messages import (
     Infer,
     ListModels,
     Ping,
+    ShareModel,
     TenantRequest,
     UploadBegin,
     UploadChunk,
@@ -47,6 +48,7 @@ GOOD: dict[Cmd, dict[str, Any]] = {
     Cmd.INFO: {"id": 7, "tenant": "t", "model": "m"},
     Cmd.DELETE: {"id": 8, "tenant": "t", "model": "m"},
     Cmd.STATUS: {"id": 9, "tenant": "t"},
+    Cmd.SHARE: {"id": 10, "tenant": "t", "model": "m", "grant": ["u", "v", "u"]},
 }
 
 
@@ -57,6 +59,9 @@ def header_with(cmd: Cmd, key: str, value: Any) -> dict[str, Any]:
     else:
         header[key] = value
     return header
+
+
+SHARE_NAMES = "header field '{}' must list tenant names (1-64 of ._- letters and digits)"
 
 
 def refused(cmd: Cmd, key: str, value: Any) -> MTError:
@@ -70,6 +75,14 @@ def test_every_command_has_a_struct() -> None:
     for cmd, cls in MESSAGES.items():
         assert issubclass(cls, TenantRequest)
         assert type(decode(cmd, GOOD[cmd])) is cls
+
+
+def test_share_lists_decode_deduplicated() -> None:
+    assert decode(Cmd.SHARE, GOOD[Cmd.SHARE]) == ShareModel(10, "t", "m", ("u", "v"), ())
+    assert decode(Cmd.SHARE, header_with(Cmd.SHARE, "grant", MISSING)).grant == ()
+    both = {**GOOD[Cmd.SHARE], "revoke": ["v"]}
+    with pytest.raises(BadArgument, match="both 'grant' and 'revoke'"):
+        decode(Cmd.SHARE, both)
 
 
 def test_good_headers_decode() -> None:
@@ -264,6 +277,14 @@ FIELD_CASES = [
     case(Cmd.INFO, "model", 5, "header field 'model' must be str, got int"),
     case(Cmd.DELETE, "model", MISSING, "header field 'model' is required"),
     case(Cmd.DELETE, "model", ["x"], "header field 'model' must be str, got list"),
+    case(Cmd.SHARE, "model", MISSING, "header field 'model' is required"),
+    case(Cmd.SHARE, "grant", "u", "header field 'grant' must be list, got str"),
+    case(Cmd.SHARE, "grant", [1], SHARE_NAMES.format("grant")),
+    case(Cmd.SHARE, "grant", ["a/b"], SHARE_NAMES.format("grant")),
+    case(Cmd.SHARE, "grant", ["t"], "header field 'grant' names yourself; you own the model"),
+    case(Cmd.SHARE, "grant", ["x"] * 257, "header field 'grant' names at most 256 tenants"),
+    case(Cmd.SHARE, "revoke", {"u": 1}, "header field 'revoke' must be list, got dict"),
+    case(Cmd.SHARE, "revoke", ["t"], "header field 'revoke' names yourself; you own the model"),
 ]  # fmt: skip
 
 

@@ -227,7 +227,7 @@ def test_parse_body_tenant_tag_on_worker_socket() -> None:
         parse_body(_body(), WORKER_TAG, WCmd)
 
 
-@pytest.mark.parametrize("cmd", [b"\x00", b"\x0a", b"\x7f", b"\xff", b"", b"\x01\x01", b"PING"])
+@pytest.mark.parametrize("cmd", [b"\x00", b"\x0b", b"\x7f", b"\xff", b"", b"\x01\x01", b"PING"])
 def test_parse_body_unknown_command(cmd: bytes) -> None:
     with raises_status(UnknownCommand, Status.UNKNOWN_COMMAND):
         parse_body(_body(cmd), TAG, Cmd)
@@ -706,4 +706,5 @@ def test_command_bytes_match_the_protocol_table() -> None:
         "INFO": b"\x07",
         "DELETE": b"\x08",
         "STATUS": b"\x09",
+        "SHARE": b"\x0a",
     }
