@@ -68,6 +68,7 @@ class Backend:
             objective=self.config.objective,
             weight=self.tenant_weight,
             isolation=self.config.isolation,
+            device_limit=lambda tenant: self.book_of(tenant).limits.device_bytes,
         )  # queued requests -> actions
         self.predictor = self.scheduler.predictor  # exec and load times, learned from results
         for record in self.registry.models.values():
@@ -351,6 +352,29 @@ class Backend:
         now = time.monotonic()
         for action in self.scheduler.forget_model(sha256):
             self.send_action(action, now)
+
+    def bound_host_memory(self: Broker, blobs: dict[str, tuple[list[str], int]]) -> None:
+        """Have workers drop host-tier copies of the models of a tenant over its host
+        bound, least recently used first, from what their tier reports say they hold.
+        `blobs`: sha256 -> (owners, size), as the registry has them."""
+        held: dict[str, list[tuple[WorkerState, str, int]]] = {}
+        for worker in self.workers.values():
+            tiers = worker.tiers
+            for sha in tiers.host_models if tiers is not None else ():
+                owners, size = blobs.get(sha, ((), 0))
+                for tenant in owners:
+                    held.setdefault(tenant, []).append((worker, sha, size))
+        now = time.monotonic()
+        for tenant, copies in held.items():
+            limit = self.book_of(tenant).limits.host_bytes
+            over = sum(size for _, _, size in copies) - limit
+            for worker, sha, size in copies if limit else ():  # least recent first per worker
+                if over <= 0:
+                    break
+                action = self.scheduler.drop_host_copy(worker, sha)
+                if action is not None:
+                    self.send_action(action, now)
+                    over -= size
 
     def describe_workers(self: Broker) -> list[dict[str, Any]]:
         return [w.describe() | self.scheduler.describe(w) for w in self.workers.values()]

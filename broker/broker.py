@@ -244,6 +244,7 @@ class Broker(Frontend, Commits, Backend, StatusReport):
             for tier, shas in (("device", tiers.device_models), ("host", tiers.host_models)):
                 held += [(tier, *blobs[sha]) for sha in shas if sha in blobs]
         self.meter.sample(now, held)
+        self.bound_host_memory(blobs)
 
     def shutdown(self) -> None:
         error = ShuttingDown("the broker is stopping; retry against its replacement")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from broker.fairshare import FairShare
+from broker.registry import ModelRecord
 from broker.scheduler import QueueScheduler, WorkerPlan
 from broker.state import Action, PendingRequest
 from mtcore.errors import DeadlineExpired, DeadlineUnmeetable
@@ -28,9 +30,13 @@ class FifoLruScheduler(QueueScheduler):
     """Baseline: FIFO per model, oldest head first, LRU eviction, greedy batching."""
 
     def __init__(
-        self, max_queue: int, predictor: Predictor | None = None, fair: FairShare | None = None
+        self,
+        max_queue: int,
+        predictor: Predictor | None = None,
+        fair: FairShare | None = None,
+        device_limit: Callable[[str], int] | None = None,
     ) -> None:
-        super().__init__(max_queue, predictor, fair)
+        super().__init__(max_queue, predictor, fair, device_limit)
         self.with_deadlines: set[str] = set()  # queues that may hold a finite deadline
         self._next_expiry = 0.0  # when the next scan for expired requests is due
 
@@ -67,7 +73,7 @@ class FifoLruScheduler(QueueScheduler):
                 for request in self.drop_model(sha):
                     self.failed.append((request, too_large))
                 continue
-            plan = self._pick_worker(sha, model.size)
+            plan = self._pick_worker(model)
             if plan is None:
                 waiting.append(entry)
                 continue
@@ -109,13 +115,15 @@ class FifoLruScheduler(QueueScheduler):
     def _has_free_worker(self) -> bool:
         return any(len(p.running) < PIPELINE_DEPTH for p in self.plans.values())
 
-    def _pick_worker(self, sha: str, size: int) -> WorkerPlan | None:
+    def _pick_worker(self, model: ModelRecord) -> WorkerPlan | None:
         """A worker with a free slot: one holding the model, else the emptiest it fits on now."""
         free = [p for p in self.plans.values() if p.busy_infers() < PIPELINE_DEPTH]
-        holding = [p for p in free if sha in p.loaded]
+        holding = [p for p in free if model.sha256 in p.loaded]
         if holding:
             return min(holding, key=lambda p: p.busy_infers())
-        fits = [p for p in free if self._evictions(p, size) is not None]
+        fits = [
+            p for p in free if self._evictions(p, model.size) is not None and self.fits(p, model)
+        ]
         return min(fits, key=lambda p: (p.busy_infers(), p.memory_used()), default=None)
 
     def _take_batch(self, sha: str) -> list[PendingRequest]:

@@ -86,10 +86,11 @@ class PredictiveScheduler(QueueScheduler):
         replica_idle_s: float = REPLICA_IDLE_S,
         wait_slack: float = WAIT_SLACK,
         fair: FairShare | None = None,
+        device_limit: Callable[[str], int] | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; available: {OBJECTIVES}")
-        super().__init__(max_queue, predictor, fair)
+        super().__init__(max_queue, predictor, fair, device_limit)
         self.objective = objective
         self.weight = weight  # tenant -> share weight (fair share comes with tenants)
         self.lookahead_s = lookahead_s
@@ -315,7 +316,7 @@ class PredictiveScheduler(QueueScheduler):
                 if not few and held < HOLDERS:
                     out.append((plan, *self._start(plan, model, now), True))
                     held += 1
-            elif found < CANDIDATES and plan.can_fit(model.size):
+            elif found < CANDIDATES and self.fits(plan, model):
                 out.append((plan, *self._start(plan, model, now), False))
                 found += 1
         return out
@@ -548,7 +549,7 @@ class PredictiveScheduler(QueueScheduler):
         the promise made to the requests planned behind it elsewhere holds only if each
         worker runs the work planned on it."""
         plan = self.plans.get(head.plan)
-        if plan is None or not (head.model.sha256 in plan.loaded or plan.can_fit(head.model.size)):
+        if plan is None or not (head.model.sha256 in plan.loaded or self.fits(plan, head.model)):
             return None
         return (plan, *self._start(plan, head.model, now))
 
@@ -636,9 +637,7 @@ class PredictiveScheduler(QueueScheduler):
     def _load(self, plan: WorkerPlan, model: ModelRecord, now: float) -> list[Action]:
         """A load planned on the worker's loader, after the loads already sent there."""
         load_s = self.load_s(plan, model)
-        actions = super()._load(plan, model, now)
-        for action in actions[:-1]:
-            self._forget_holder(action.sha256, plan.worker.wid)
+        actions = super()._load(plan, model, now)  # its UNLOADs forgot their holders
         actions[-1].expected_duration = load_s
         actions[-1].start = max(now, plan.loader_free)
         plan.loader_free = actions[-1].start + load_s
@@ -658,7 +657,7 @@ class PredictiveScheduler(QueueScheduler):
             del self._warm[sha]
             live = self.plans.get(plan.worker.wid) is plan
             room = plan.worker.memory_budget - plan.used >= model.size
-            if live and sha not in plan.loaded and plan.can_fit(model.size) and (may_evict or room):
+            if live and sha not in plan.loaded and self.fits(plan, model) and (may_evict or room):
                 actions.extend(self._load(plan, model, now))
                 self.counters["warm_loads"] += 1
         return actions

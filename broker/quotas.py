@@ -12,7 +12,11 @@ no other tenant waits or pays for it.
 - requests in flight (accepted, not yet answered);
 - reply bytes: answers the broker holds for a tenant that does not read them (its
   `ReplyQueue` backlog) plus the predicted output bytes of its requests in flight, so a
-  model whose outputs dwarf its inputs cannot turn a few small requests into gigabytes.
+  model whose outputs dwarf its inputs cannot turn a few small requests into gigabytes;
+- worker memory: the bytes its models hold runnable in the device tiers (the scheduler
+  evicts the tenant's own idle models to load another, and refuses at once a model larger
+  than the bound) and in the host tiers (the broker has workers drop the tenant's least
+  recently used host copies past it). The owner of a shared model pays for its memory.
 
 `TenantBook` is one tenant's live counts; the broker keeps one per tenant it has seen.
 """
@@ -41,6 +45,8 @@ class TenantLimits:
     burst: float = 0.0  # requests the bucket holds; 0: one second of `rate`
     in_flight: int = 10_000  # INFER requests accepted and not yet answered
     reply_bytes: int = 1 * GIB  # answers held unread + predicted outputs in flight
+    device_bytes: int = 0  # its models runnable on the workers, all together; 0: unlimited
+    host_bytes: int = 0  # its models' weights in the workers' host tiers; 0: unlimited
     weight: float = 1.0  # share of executor time under overload (from the principal)
 
     def with_overrides(self, overrides: dict[str, Any]) -> TenantLimits:

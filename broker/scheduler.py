@@ -43,6 +43,7 @@ from mtcore.errors import (
     LoadFailed,
     MTError,
     Overloaded,
+    QuotaExceeded,
     WorkerLost,
 )
 from mtcore.predictor import PLANNING_HEADROOM, Predictor
@@ -58,6 +59,7 @@ class WorkerPlan:
     lanes: list[float] = field(default_factory=list)  # predicted free time of each executor
     loader_free: float = 0.0  # predicted time its loader finishes the loads sent
     ready: dict[str, float] = field(default_factory=dict)  # sha -> predicted end of its LOAD
+    owner: dict[str, str] = field(default_factory=dict)  # sha -> tenant its bytes count for
     last_used: dict[str, float] = field(default_factory=dict)  # sha -> last INFER placed
     running: dict[int, Action] = field(default_factory=dict)  # the INFERs of `inflight`
     pins: Counter[str] = field(default_factory=Counter)  # sha -> actions in flight or planned
@@ -76,6 +78,7 @@ class WorkerPlan:
         self.loaded[sha] = size
 
     def drop(self, sha: str) -> None:
+        self.owner.pop(sha, None)
         size = self.loaded.pop(sha, 0)
         self.used -= size
         if sha in self.pins:
@@ -182,9 +185,16 @@ class QueueScheduler(Scheduler):
     """Per-model queues, worker plans, results, retries and placement mechanics."""
 
     def __init__(
-        self, max_queue: int, predictor: Predictor | None = None, fair: FairShare | None = None
+        self,
+        max_queue: int,
+        predictor: Predictor | None = None,
+        fair: FairShare | None = None,
+        device_limit: Callable[[str], int] | None = None,
     ) -> None:
         self.max_queue = max_queue  # total queued requests before OVERLOADED
+        # tenant -> bytes its models may hold in device tiers, all workers together (0: no
+        # bound); the owner of a shared model pays for it, whoever runs it.
+        self.device_limit = device_limit or (lambda tenant: 0)
         # Executor time by tenant weight under overload; off (measuring only) unless given.
         self.fair = fair or FairShare(lambda tenant: 1.0, enabled=False)
         self.predictor = predictor or Predictor(headroom=PLANNING_HEADROOM)
@@ -239,6 +249,12 @@ class QueueScheduler(Scheduler):
     def add_request(self, request: PendingRequest, now: float) -> None:
         if self._queued >= self.max_queue:
             raise Overloaded(f"{self._queued} requests queued; retry later")
+        limit = self.device_limit(request.model.tenant)
+        if limit and request.model.size > limit:
+            raise QuotaExceeded(
+                f"model '{request.model.name}' needs {request.model.size} bytes of device "
+                f"memory; its owner's device_bytes limit is {limit}"
+            )
         if not request.retries:  # a retry was admitted once: its tenant is not charged twice
             cost = self.share_cost(request)
             self.fair.check(request.who, cost, self.share_horizon(request, now), now)
@@ -399,6 +415,15 @@ class QueueScheduler(Scheduler):
             actions.append(Action(ActionKind.UNLOAD, plan.worker, sha256, context="forget"))
         return actions
 
+    def drop_host_copy(self, worker: WorkerState, sha256: str) -> Action | None:
+        """An UNLOAD that frees a model's host-tier pages on a worker (a tenant is over its
+        host bound); None while the worker holds it runnable or has work planned for it."""
+        plan = self.plans.get(worker.wid)
+        if plan is None or sha256 in plan.loaded or sha256 in plan.pins:
+            return None
+        self.counters["host_evictions"] += 1
+        return Action(ActionKind.UNLOAD, worker, sha256, context="forget")
+
     def seed(self, record: ModelRecord) -> None:
         """Start the predictor's windows from the upload profile: every run per batch
         size, every host -> device build, and cold -> host preparation plus a build."""
@@ -486,6 +511,33 @@ class QueueScheduler(Scheduler):
         plan.ready.pop(sha, None)
         plan.last_used.pop(sha, None)
 
+    def fits(self, plan: WorkerPlan, model: ModelRecord) -> bool:
+        """Whether the worker could load the model now, making room by evicting: room on
+        the worker, and room in its owner's device bound."""
+        return plan.can_fit(model.size) and self._tenant_victims(model) is not None
+
+    def _tenant_victims(self, model: ModelRecord) -> list[tuple[WorkerPlan, str]] | None:
+        """The owner's idle loaded models (least recently used first, any worker) to
+        evict so that loading `model` keeps the owner within its device bound; None when
+        evicting all of them would not be enough (the load waits for its runs to end)."""
+        limit = self.device_limit(model.tenant)
+        if not limit:
+            return []
+        held, idle = 0, []
+        for plan in self.plans.values():
+            for sha, tenant in plan.owner.items():
+                if tenant == model.tenant:
+                    held += plan.loaded[sha]
+                    if sha not in plan.pins and sha != model.sha256:
+                        idle.append((plan.last_used.get(sha, 0.0), plan, sha))
+        victims = []
+        for _, plan, sha in sorted(idle, key=lambda v: v[0]):
+            if held + model.size <= limit:
+                break
+            victims.append((plan, sha))
+            held -= plan.loaded[sha]
+        return victims if held + model.size <= limit else None
+
     def _evictions(self, plan: WorkerPlan, need: int) -> list[str] | None:
         """Least-recently-used models with no work on this worker that free `need` bytes;
         models with queued requests go last. None when even that is not enough."""
@@ -532,11 +584,16 @@ class QueueScheduler(Scheduler):
     def _load(self, plan: WorkerPlan, model: ModelRecord, now: float) -> list[Action]:
         """The UNLOADs that make room for a model on a worker, then its LOAD."""
         actions: list[Action] = []
+        for holder, victim in self._tenant_victims(model) or ():
+            self._unload(holder, victim)
+            actions.append(Action(ActionKind.UNLOAD, holder.worker, victim))
+            self.counters["tenant_evictions"] += 1
         for victim in self._evictions(plan, model.size) or ():
             self._unload(plan, victim)
             actions.append(Action(ActionKind.UNLOAD, plan.worker, victim))
             self.counters["evictions"] += 1
         plan.hold(model.sha256, model.size)
+        plan.owner[model.sha256] = model.tenant
         load = Action(ActionKind.LOAD, plan.worker, model.sha256, size=model.size)
         plan.track(load)
         actions.append(load)
@@ -568,6 +625,7 @@ def make_scheduler(
     objective: str = "deadline",
     weight: Callable[[str], float] | None = None,
     isolation: bool = False,
+    device_limit: Callable[[str], int] | None = None,
 ) -> Scheduler:
     """A scheduler by name. `weight`: tenant -> share weight; `isolation`: hold a tenant
     over its weighted share of executor time under overload (broker/fairshare.py)."""
@@ -576,10 +634,10 @@ def make_scheduler(
     if name == "fifo":
         from broker.fifo import FifoLruScheduler
 
-        return FifoLruScheduler(max_queue, predictor, fair)
+        return FifoLruScheduler(max_queue, predictor, fair, device_limit)
     if name == "predictive":
         from broker.predictive import PredictiveScheduler
 
         return PredictiveScheduler(max_queue, predictor, objective=objective, weight=weight,
-                                   fair=fair)  # fmt: skip
+                                   fair=fair, device_limit=device_limit)  # fmt: skip
     raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")

@@ -42,8 +42,21 @@ class StatusReport:
         return {
             "in_flight": book.in_flight,
             "reply_bytes_held": book.backlog_bytes,
+            "memory_held": self.memory_held(tenant),
             "limits": book.limits.to_dict(),
         }
+
+    def memory_held(self: Broker, tenant: str) -> dict[str, int]:
+        """Bytes of the tenant's models in each tier of the workers, by their last reports:
+        what its `device_bytes` and `host_bytes` limits bound."""
+        mine = {m.sha256: m.size for m in self.registry.list(tenant)}
+        held = {"device": 0, "host": 0}
+        for worker in self.workers.values():
+            tiers = worker.tiers
+            if tiers is not None:
+                held["device"] += sum(mine.get(sha, 0) for sha in tiers.device_models)
+                held["host"] += sum(mine.get(sha, 0) for sha in tiers.host_models)
+        return held
 
     def broker_view(self: Broker, tenant: str) -> dict[str, Any]:
         """The operator's view: every worker and counter, all tenants together."""

@@ -223,3 +223,28 @@ def test_usage_is_metered_per_tenant(secure: LocalCluster) -> None:
         pytest.fail(f"usage of 'metered' not recorded within 60 s: {rows.get('metered')}")
     assert mine["requests"] == 5 and mine["exec_ms"] > 0
     assert mine["bytes_in"] == 5 * inputs["input"].nbytes and mine["bytes_out"] > 0
+
+
+def test_a_tenants_models_stay_within_its_worker_memory_bounds(secure: LocalCluster) -> None:
+    """device_bytes and host_bytes bound what the tenant's models hold on the workers:
+    three models that fit one at a time are run in turn; a larger one is refused."""
+    models = [zoo.model_bytes("mlp", seed=20 + i) for i in range(3)]
+    bound = len(models[0]) * 3 // 2  # room for one model, not two
+    client = set_limits(secure, "memcap", device_bytes=bound, host_bytes=bound)
+    inputs = zoo.sample_inputs("mlp", 1)
+    with client:
+        for i, data in enumerate(models):
+            client.upload_model(f"m{i}", data)
+        for _ in range(2):
+            for i in range(3):
+                client.infer(f"m{i}", inputs)
+                assert client.status()["memory_held"]["device"] <= bound
+        stop = time.monotonic() + 30  # host copies are dropped on the next memory sample
+        while client.status()["memory_held"]["host"] > bound and time.monotonic() < stop:
+            time.sleep(0.1)
+        held = client.status()["memory_held"]
+        assert 0 < held["device"] <= bound and 0 < held["host"] <= bound
+        client.upload_model("big", zoo.model_bytes("mobilenetv2"))
+        with pytest.raises(QuotaExceeded, match="device_bytes"):
+            client.infer("big", zoo.sample_inputs("mobilenetv2", 1))
+        client.infer("m0", inputs)  # and the tenant is served as before
