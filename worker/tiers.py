@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,7 @@ import numpy as np
 from ext import Allocation, PagePool
 from mtcore.errors import LoadFailed, ModelInvalid, PoolExhausted
 
+log = logging.getLogger("mtserve.worker")
 INLINE_BELOW = 1024  # initializers smaller than this stay in the graph (shapes, scalars)
 ALIGN = 64  # byte alignment of every tensor inside a page (what ORT's CPU kernels like)
 GRAPH_FILE = "graph.onnx"
@@ -112,8 +114,10 @@ def set_run_memory(nbytes: int) -> None:
     ONNX Runtime fixes the arena when it is registered, so this must come first."""
     global _run_memory
     with _shared_arena:
-        if _arena_registered and nbytes != _run_memory:
-            raise RuntimeError("the run-memory wall is fixed once the first session exists")
+        if _arena_registered and nbytes != _run_memory:  # several workers in one process
+            log.warning("the run-memory wall stays %d bytes: fixed by the first session",
+                        _run_memory)  # fmt: skip
+            return
         _run_memory = nbytes
 
 
