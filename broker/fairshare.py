@@ -95,6 +95,11 @@ class FairShare:
         """Whether the tenant is held to a share now (over it, under overload)."""
         return self.enabled and self.capacity > 0 and not math.isinf(self.share(tenant, now))
 
+    def holding(self, now: float) -> bool:
+        """Whether some tenant is held to a share now."""
+        self.share("", now)  # recomputes the shares when due
+        return self.enabled and self.capacity > 0 and bool(self._shares)
+
     def share(self, tenant: str, now: float) -> float:
         """The tenant's share of executor time now (inf while it is not to be held)."""
         if now - self._computed >= RECOMPUTE_S:

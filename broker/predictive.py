@@ -64,7 +64,7 @@ HOLDERS = 2  # holders of a model (those free first) considered per decision
 CANDIDATES = 2  # other workers (those free first) considered per decision
 # Admission adds this share of a request's predicted wait to its predicted finish: the
 # wait is an estimate over work not yet placed (how it will batch, where it will run),
-# and its error grows with it.
+# and its error grows with it. Not while the fair share holds another tenant (`_slack`).
 WAIT_SLACK = 0.5
 LONG_SHARE = 0.25  # a run longer than this share of the tightest deadline budget is long
 TIGHT_WINDOW_S = 10.0  # how long the tightest deadline budget seen is remembered
@@ -228,7 +228,7 @@ class PredictiveScheduler(QueueScheduler):
         if best is None:
             return  # no worker can hold it now; dispatch answers if none ever can
         start, plan, soonest = best
-        done = start + run + self.wait_slack * (start - now)
+        done = start + run + self._slack(request, now) * (start - now)
         sha = model.sha256
         refused = done > request.deadline
         if sha not in plan.loaded and not (refused and sha in self._warm):
@@ -247,6 +247,16 @@ class PredictiveScheduler(QueueScheduler):
             )
         request.plan = plan.worker.wid
         request.cost = self._marginal_cost(model, request.batch, self.queue_key(request))
+
+    def _slack(self, request: PendingRequest, now: float) -> float:
+        """`wait_slack`, or none for a tenant within its share while the fair share holds
+        another: the held tenant's queued work is ordered behind this request, so if the
+        wait was predicted short it is that work that gives way, not this request. Its
+        steady load then plans against the work queued ahead, not a margin over it that
+        an overload it did not cause makes large enough to refuse it."""
+        if self.fair.holding(now) and not self.fair.held(request.who, now):
+            return 0.0
+        return self.wait_slack
 
     def _marginal_cost(self, model: ModelRecord, rows: int, key: str) -> float:
         """Seconds a request adds to the queued runs of its queue: what its rows add to

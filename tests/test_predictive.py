@@ -541,6 +541,28 @@ def test_wait_slack_refuses_what_would_finish_just_in_time_after_a_long_wait() -
         assert ok == admitted  # the fifth waits 40 ms: 40 + 10 ends at 50, plus 10 of slack
 
 
+def test_no_slack_for_a_tenant_within_its_share_while_another_is_held() -> None:
+    """Five 10 ms requests with 50 ms deadlines: slack 0.25 refuses the fifth, unless the
+    fair share holds another tenant, whose queued work would give way."""
+    from broker.fairshare import FairShare
+
+    model = make_model(profile={1: 10_000.0}, max_batch=1)
+    for holding, admitted in ((False, 4), (True, 5)):
+        w = make_worker()
+        fair = FairShare(lambda tenant: 1.0)
+        s = scheduler(w, wait_slack=0.25, fair=fair)
+        fair.holding = lambda now, on=holding: on  # the fair share's own test covers when
+        hold(s, w, model)
+        ok = 0
+        for r in make_requests(model, 5, deadline=50 * MS):
+            try:
+                s.add_request(r, now=0.0)
+                ok += 1
+            except DeadlineUnmeetable:
+                pass
+        assert ok == admitted
+
+
 def test_next_wakeup_never_asks_for_a_busy_loop() -> None:
     model = make_model(profile={1: 10_000.0}, max_batch=1)
     w = make_worker()

@@ -115,6 +115,15 @@ def test_the_tenant_over_its_share_is_held_and_the_other_keeps_room() -> None:
     assert fair.throttled == 1
 
 
+def test_holding_says_whether_anyone_is_held() -> None:
+    fair = share()
+    now = offer(fair, "a", 0.3, 5.0, 0.0)
+    assert not fair.holding(now)
+    now = offer(fair, "b", 5.0, 5.0, now)
+    offer(fair, "a", 0.3, 5.0, now - 5.0)
+    assert fair.holding(now) and fair.held("b", now) and not fair.held("a", now)
+
+
 def test_weights_divide_what_is_left() -> None:
     fair = share({"b": 3.0, "c": 1.0})
     offer(fair, "b", 5.0, 5.0, 0.0)
