@@ -69,6 +69,7 @@ class Backend:
             weight=self.tenant_weight,
             isolation=self.config.isolation,
             device_limit=lambda tenant: self.book_of(tenant).limits.device_bytes,
+            run_limit=lambda tenant: self.book_of(tenant).limits.run_bytes,
         )  # queued requests -> actions
         self.predictor = self.scheduler.predictor  # exec and load times, learned from results
         for record in self.registry.models.values():
@@ -155,6 +156,7 @@ class Backend:
             incarnation=incarnation,
         )
         worker.key_owner = principal
+        worker.run_memory = max(0, int(h.get("run_memory", 0) or 0))
         self.workers[wid] = worker
         self.scheduler.add_worker(worker, now)
         ready = {

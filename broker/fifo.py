@@ -35,8 +35,9 @@ class FifoLruScheduler(QueueScheduler):
         predictor: Predictor | None = None,
         fair: FairShare | None = None,
         device_limit: Callable[[str], int] | None = None,
+        run_limit: Callable[[str], int] | None = None,
     ) -> None:
-        super().__init__(max_queue, predictor, fair, device_limit)
+        super().__init__(max_queue, predictor, fair, device_limit, run_limit)
         self.with_deadlines: set[str] = set()  # queues that may hold a finite deadline
         self._next_expiry = 0.0  # when the next scan for expired requests is due
 
@@ -118,7 +119,7 @@ class FifoLruScheduler(QueueScheduler):
     def _pick_worker(self, model: ModelRecord) -> WorkerPlan | None:
         """A worker with a free slot: one holding the model, else the emptiest it fits on now."""
         free = [p for p in self.plans.values() if p.busy_infers() < PIPELINE_DEPTH]
-        holding = [p for p in free if model.sha256 in p.loaded]
+        holding = [p for p in free if model.sha256 in p.loaded and self.walled(p, model)]
         if holding:
             return min(holding, key=lambda p: p.busy_infers())
         fits = [

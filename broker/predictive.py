@@ -87,10 +87,11 @@ class PredictiveScheduler(QueueScheduler):
         wait_slack: float = WAIT_SLACK,
         fair: FairShare | None = None,
         device_limit: Callable[[str], int] | None = None,
+        run_limit: Callable[[str], int] | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; available: {OBJECTIVES}")
-        super().__init__(max_queue, predictor, fair, device_limit)
+        super().__init__(max_queue, predictor, fair, device_limit, run_limit)
         self.objective = objective
         self.weight = weight  # tenant -> share weight (fair share comes with tenants)
         self.lookahead_s = lookahead_s
@@ -313,7 +314,7 @@ class PredictiveScheduler(QueueScheduler):
         if few:
             for wid in holders:
                 plan = self.plans[wid]
-                if not (dispatch and self._full(plan, model)):
+                if self.walled(plan, model) and not (dispatch and self._full(plan, model)):
                     out.append((plan, *self._start(plan, model, now), True))
         found = held = 0
         for _, wid in self._by_free:  # the workers that can take new work first
@@ -323,7 +324,7 @@ class PredictiveScheduler(QueueScheduler):
             if dispatch and self._full(plan, model):
                 continue
             if wid in holders:
-                if not few and held < HOLDERS:
+                if not few and held < HOLDERS and self.walled(plan, model):
                     out.append((plan, *self._start(plan, model, now), True))
                     held += 1
             elif found < CANDIDATES and self.fits(plan, model):
@@ -559,7 +560,9 @@ class PredictiveScheduler(QueueScheduler):
         the promise made to the requests planned behind it elsewhere holds only if each
         worker runs the work planned on it."""
         plan = self.plans.get(head.plan)
-        if plan is None or not (head.model.sha256 in plan.loaded or self.fits(plan, head.model)):
+        if plan is None or not self.walled(plan, head.model):
+            return None
+        if not (head.model.sha256 in plan.loaded or self.fits(plan, head.model)):
             return None
         return (plan, *self._start(plan, head.model, now))
 

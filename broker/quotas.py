@@ -16,7 +16,8 @@ no other tenant waits or pays for it.
 - worker memory: the bytes its models hold runnable in the device tiers (the scheduler
   evicts the tenant's own idle models to load another, and refuses at once a model larger
   than the bound) and in the host tiers (the broker has workers drop the tenant's least
-  recently used host copies past it). The owner of a shared model pays for its memory.
+  recently used host copies past it), and per run (its models run only on workers whose
+  activation-arena wall is within `run_bytes`). The owner of a shared model pays.
 
 `TenantBook` is one tenant's live counts; the broker keeps one per tenant it has seen.
 """
@@ -47,6 +48,7 @@ class TenantLimits:
     reply_bytes: int = 1 * GIB  # answers held unread + predicted outputs in flight
     device_bytes: int = 0  # its models runnable on the workers, all together; 0: unlimited
     host_bytes: int = 0  # its models' weights in the workers' host tiers; 0: unlimited
+    run_bytes: int = 0  # activation memory one run may take: only workers walled within it
     weight: float = 1.0  # share of executor time under overload (from the principal)
 
     def with_overrides(self, overrides: dict[str, Any]) -> TenantLimits:

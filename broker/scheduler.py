@@ -190,8 +190,12 @@ class QueueScheduler(Scheduler):
         predictor: Predictor | None = None,
         fair: FairShare | None = None,
         device_limit: Callable[[str], int] | None = None,
+        run_limit: Callable[[str], int] | None = None,
     ) -> None:
         self.max_queue = max_queue  # total queued requests before OVERLOADED
+        # tenant -> activation bytes one run of its models may take (0: no bound): they
+        # run only on workers whose arena wall (`--run-memory-mb`) is within it
+        self.run_limit = run_limit or (lambda tenant: 0)
         # tenant -> bytes its models may hold in device tiers, all workers together (0: no
         # bound); the owner of a shared model pays for it, whoever runs it.
         self.device_limit = device_limit or (lambda tenant: 0)
@@ -249,6 +253,7 @@ class QueueScheduler(Scheduler):
     def add_request(self, request: PendingRequest, now: float) -> None:
         if self._queued >= self.max_queue:
             raise Overloaded(f"{self._queued} requests queued; retry later")
+        self._check_run_limit(request.model)
         limit = self.device_limit(request.model.tenant)
         if limit and request.model.size > limit:
             raise QuotaExceeded(
@@ -513,8 +518,27 @@ class QueueScheduler(Scheduler):
 
     def fits(self, plan: WorkerPlan, model: ModelRecord) -> bool:
         """Whether the worker could load the model now, making room by evicting: room on
-        the worker, and room in its owner's device bound."""
-        return plan.can_fit(model.size) and self._tenant_victims(model) is not None
+        the worker, room in its owner's device bound, a wall within its run bound."""
+        return (
+            self.walled(plan, model)
+            and plan.can_fit(model.size)
+            and self._tenant_victims(model) is not None
+        )
+
+    def walled(self, plan: WorkerPlan, model: ModelRecord) -> bool:
+        """Whether the worker may run the model: its owner's `run_bytes` (if any) is at
+        least the worker's arena wall, so a run asking more fails there (EXEC_FAILED)."""
+        limit = self.run_limit(model.tenant)
+        wall = plan.worker.run_memory
+        return not limit or 0 < wall <= limit
+
+    def _check_run_limit(self, model: ModelRecord) -> None:
+        limit = self.run_limit(model.tenant)
+        if limit and self.plans and not any(self.walled(p, model) for p in self.plans.values()):
+            raise QuotaExceeded(
+                f"model '{model.name}' may take {limit} bytes per run (its owner's run_bytes"
+                "); no worker walls its runs within that (`mtserve worker --run-memory-mb`)"
+            )
 
     def _tenant_victims(self, model: ModelRecord) -> list[tuple[WorkerPlan, str]] | None:
         """The owner's idle loaded models (least recently used first, any worker) to
@@ -626,6 +650,7 @@ def make_scheduler(
     weight: Callable[[str], float] | None = None,
     isolation: bool = False,
     device_limit: Callable[[str], int] | None = None,
+    run_limit: Callable[[str], int] | None = None,
 ) -> Scheduler:
     """A scheduler by name. `weight`: tenant -> share weight; `isolation`: hold a tenant
     over its weighted share of executor time under overload (broker/fairshare.py)."""
@@ -634,10 +659,11 @@ def make_scheduler(
     if name == "fifo":
         from broker.fifo import FifoLruScheduler
 
-        return FifoLruScheduler(max_queue, predictor, fair, device_limit)
+        return FifoLruScheduler(max_queue, predictor, fair, device_limit, run_limit)
     if name == "predictive":
         from broker.predictive import PredictiveScheduler
 
         return PredictiveScheduler(max_queue, predictor, objective=objective, weight=weight,
-                                   fair=fair, device_limit=device_limit)  # fmt: skip
+                                   fair=fair, device_limit=device_limit,
+                                   run_limit=run_limit)  # fmt: skip
     raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")

@@ -107,6 +107,7 @@ class WorkerState:
     tiers: TierReport | None = None  # its tiers as of its latest result or heartbeat
     host_models: frozenset[str] = frozenset()  # `tiers.host_models`, as a set
     restarts: int = 0  # executor threads it found dead and replaced
+    run_memory: int = 0  # its activation arena's wall, bytes (0: none, or not reported)
 
     def report(self, tiers: TierReport) -> None:
         """A tier report arrived (with a result or a heartbeat)."""

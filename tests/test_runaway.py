@@ -93,8 +93,11 @@ def expand_model() -> bytes:
 
 @pytest.mark.slow
 def test_a_run_past_the_memory_wall_fails_alone(tmp_path) -> None:
+    """The tenant's run_bytes (512 MiB) admits the worker's 256 MiB wall; a run that asks
+    for 40 GB there fails alone."""
     cluster = start_cluster(
-        tmp_path, workers=1, broker_args=["--profile-batches", "1"],
+        tmp_path, workers=1,
+        broker_args=["--profile-batches", "1", "--tenant-limit", f"run_bytes={512 << 20}"],
         worker_args=["--run-memory-mb", "256"],
     )  # fmt: skip
     try:

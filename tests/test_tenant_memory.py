@@ -82,3 +82,29 @@ def test_a_model_larger_than_the_bound_is_refused_at_once(name: str) -> None:
     assert sched.queued() == 0
     fine = make_model("fine", size=LIMIT + 1, tenant="free")  # no bound: it runs
     assert any(a.kind is ActionKind.INFER for a in run(sched, fine))
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("name", ["fifo", "predictive"])
+def test_a_run_bound_places_models_only_on_workers_walled_within_it(name: str) -> None:
+    """run_bytes: the tenant's models run only where the worker's arena wall is within
+    it (a run asking more fails there), on every request; none such: refused at once."""
+    limits = {"capped": 2 * GIB}
+    sched = scheduler_named(name, 1000, run_limit=lambda tenant: limits.get(tenant, 0))
+    walls = {"wide": 8 * GIB, "none": 0, "narrow": 1 * GIB}
+    for wname, wall in walls.items():
+        worker = make_worker(wname, budget=10_000)
+        worker.run_memory = wall
+        sched.add_worker(worker, 0.0)
+    capped = make_model("c", size=1000, tenant="capped", max_batch=1)
+    for i in range(6):
+        for action in run(sched, capped, now=float(i)):
+            if action.kind is not ActionKind.UNLOAD:
+                assert action.worker.name == "narrow"
+    free = make_model("f", size=1000, tenant="free", max_batch=1)
+    assert any(a.kind is ActionKind.INFER for a in run(sched, free, now=9.0))
+    limits["capped"] = GIB // 2  # tighter than every wall
+    with pytest.raises(QuotaExceeded, match="no worker walls its runs within"):
+        sched.add_request(make_requests(capped, 1)[0], 10.0)

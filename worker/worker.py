@@ -243,6 +243,7 @@ class Worker:
                 "incarnation": self.incarnation,
                 "memory_budget": self.config.memory_budget,
                 "host_budget": self.config.host_budget,
+                "run_memory": self.config.run_memory,
                 "exec_threads": max(1, self.config.exec_threads),
                 "version": VERSION,
             },
