@@ -97,15 +97,18 @@ class FairShare:
 
     def holding(self, now: float) -> bool:
         """Whether some tenant is held to a share now."""
-        self.share("", now)  # recomputes the shares when due
-        return self.enabled and self.capacity > 0 and bool(self._shares)
+        return self.enabled and self.capacity > 0 and bool(self._current(now))
 
     def share(self, tenant: str, now: float) -> float:
         """The tenant's share of executor time now (inf while it is not to be held)."""
+        return self._current(now).get(tenant, math.inf)
+
+    def _current(self, now: float) -> dict[str, float]:
+        """The held tenants' shares, recomputed at most every RECOMPUTE_S."""
         if now - self._computed >= RECOMPUTE_S:
             self._shares = self._compute(now)
             self._computed = now
-        return self._shares.get(tenant, math.inf)
+        return self._shares
 
     def _compute(self, now: float) -> dict[str, float]:
         demands = {t: self.demand(t, now) for t in self._sum}

@@ -122,9 +122,7 @@ class FifoLruScheduler(QueueScheduler):
         holding = [p for p in free if model.sha256 in p.loaded and self.walled(p, model)]
         if holding:
             return min(holding, key=lambda p: p.busy_infers())
-        fits = [
-            p for p in free if self._evictions(p, model.size) is not None and self.fits(p, model)
-        ]
+        fits = [p for p in free if self.fits(p, model)]
         return min(fits, key=lambda p: (p.busy_infers(), p.memory_used()), default=None)
 
     def _take_batch(self, sha: str) -> list[PendingRequest]:

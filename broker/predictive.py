@@ -560,9 +560,12 @@ class PredictiveScheduler(QueueScheduler):
         the promise made to the requests planned behind it elsewhere holds only if each
         worker runs the work planned on it."""
         plan = self.plans.get(head.plan)
-        if plan is None or not self.walled(plan, head.model):
+        if plan is None:
             return None
-        if not (head.model.sha256 in plan.loaded or self.fits(plan, head.model)):
+        if head.model.sha256 in plan.loaded:
+            if not self.walled(plan, head.model):
+                return None
+        elif not self.fits(plan, head.model):
             return None
         return (plan, *self._start(plan, head.model, now))
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from broker.predictive import LOOKAHEAD_S, REPLICA_IDLE_S, PredictiveScheduler
 from broker.scheduler import WorkerPlan
-from broker.state import Action, ActionKind, WorkerState
+from broker.state import Action, ActionKind, PendingRequest, WorkerState
 from mtcore.errors import DeadlineUnmeetable, Status
 from mtcore.predictor import Predictor
 from tests.factories import make_model, make_requests, make_result, make_worker
@@ -525,20 +525,26 @@ def test_a_refused_request_still_loads_its_model_for_the_next_ones() -> None:
     s.add_request(make_requests(model, 1, deadline=0.1)[0], now=80 * MS)  # admitted now
 
 
+def admitted_of(s: PredictiveScheduler, requests: list[PendingRequest]) -> int:
+    """How many of `requests`, added at time 0, admission takes."""
+    ok = 0
+    for r in requests:
+        try:
+            s.add_request(r, now=0.0)
+            ok += 1
+        except DeadlineUnmeetable:
+            pass
+    return ok
+
+
 def test_wait_slack_refuses_what_would_finish_just_in_time_after_a_long_wait() -> None:
     model = make_model(profile={1: 10_000.0}, max_batch=1)
     for slack, admitted in ((0.0, 5), (0.25, 4)):
         w = make_worker()
         s = scheduler(w, wait_slack=slack)
         hold(s, w, model)
-        ok = 0
-        for r in make_requests(model, 5, deadline=50 * MS):
-            try:
-                s.add_request(r, now=0.0)
-                ok += 1
-            except DeadlineUnmeetable:
-                pass
-        assert ok == admitted  # the fifth waits 40 ms: 40 + 10 ends at 50, plus 10 of slack
+        # the fifth waits 40 ms: 40 + 10 ends at 50, plus 10 of slack
+        assert admitted_of(s, make_requests(model, 5, deadline=50 * MS)) == admitted
 
 
 def test_no_slack_for_a_tenant_within_its_share_while_another_is_held() -> None:
@@ -553,14 +559,7 @@ def test_no_slack_for_a_tenant_within_its_share_while_another_is_held() -> None:
         s = scheduler(w, wait_slack=0.25, fair=fair)
         fair.holding = lambda now, on=holding: on  # the fair share's own test covers when
         hold(s, w, model)
-        ok = 0
-        for r in make_requests(model, 5, deadline=50 * MS):
-            try:
-                s.add_request(r, now=0.0)
-                ok += 1
-            except DeadlineUnmeetable:
-                pass
-        assert ok == admitted
+        assert admitted_of(s, make_requests(model, 5, deadline=50 * MS)) == admitted
 
 
 def test_next_wakeup_never_asks_for_a_busy_loop() -> None:
