@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +71,10 @@ LONG_SHARE = 0.25  # a run longer than this share of the tightest deadline budge
 TIGHT_WINDOW_S = 10.0  # how long the tightest deadline budget seen is remembered
 HELD_WEIGHT = 0.1  # a tenant held to its fair share: its order keys weigh this much
 UNKNOWN_EXEC_S = 0.0  # a model never profiled nor run: admitted (its first runs teach us)
+
+
+def _free_time(entry: tuple[float, bytes]) -> float:
+    return entry[0]
 
 
 class PredictiveScheduler(QueueScheduler):
@@ -109,8 +114,10 @@ class PredictiveScheduler(QueueScheduler):
         self._kinds: list[str] = []  # worker kinds present
         self._tags: dict[bytes, str] = {}  # wid -> its queue-key suffix
         self._load_memo: dict[tuple[str, str, str], float] = {}  # (sha, kind, tier) -> s
-        self._exec_memo: dict[str, dict[tuple[int, str | None], float]] = {}  # sha -> runs
-        self._replicated = False  # some model has more than one holder
+        self._bandwidth_seen = 0  # the predictor's bandwidth generation the memo holds
+        # sha -> (the predictor's generation of it, runs): memoized exec predictions
+        self._exec_memo: dict[str, tuple[int, dict[tuple[int, str | None], float]]] = {}
+        self._replicas: dict[str, None] = {}  # models with more than one holder, in order
         # sha -> (model, worker, may evict): the loads admission planned
         self._warm: dict[str, tuple[ModelRecord, WorkerPlan, bool]] = {}
         self._tight_budget = math.inf  # the tightest deadline budget seen lately (seconds)
@@ -126,9 +133,13 @@ class PredictiveScheduler(QueueScheduler):
     def exec_s(self, model: ModelRecord, rows: int, kind: str | None = None) -> float:
         """Predicted seconds to run `rows` rows (on `kind`, else the fastest kind known),
         memoized until the predictor learns something new of the model."""
-        memo = self._exec_memo.get(model.sha256)
-        if memo is None:
-            memo = self._exec_memo[model.sha256] = {}
+        entry = self._exec_memo.get(model.sha256)
+        if entry is None:
+            entry = self._exec_memo[model.sha256] = (
+                self.predictor.exec_generation(model.sha256),
+                {},
+            )
+        memo = entry[1]
         value = memo.get((rows, kind))
         if value is None:
             value = memo[(rows, kind)] = self._predict_exec(model, rows, kind)
@@ -317,17 +328,23 @@ class PredictiveScheduler(QueueScheduler):
                 if self.walled(plan, model) and not (dispatch and self._full(plan, model)):
                     out.append((plan, *self._start(plan, model, now), True))
         found = held = 0
+        size, plans = model.size, self.plans
         for _, wid in self._by_free:  # the workers that can take new work first
             if found >= CANDIDATES and (few or held >= HOLDERS):
                 break
-            plan = self.plans[wid]
-            if dispatch and self._full(plan, model):
-                continue
+            plan = plans[wid]
             if wid in holders:
-                if not few and held < HOLDERS and self.walled(plan, model):
+                if few or held >= HOLDERS or (dispatch and self._full(plan, model)):
+                    continue
+                if self.walled(plan, model):
                     out.append((plan, *self._start(plan, model, now), True))
                     held += 1
-            elif found < CANDIDATES and self.fits(plan, model):
+            elif (
+                found < CANDIDATES
+                and plan.can_fit(size)  # most fail here: memory pinned by queued work
+                and not (dispatch and self._full(plan, model))
+                and self.fits(plan, model)
+            ):
                 out.append((plan, *self._start(plan, model, now), False))
                 found += 1
         return out
@@ -417,7 +434,7 @@ class PredictiveScheduler(QueueScheduler):
         while self._expiries and not self._expiries[0][2].queued:
             heapq.heappop(self._expiries)
         expiry = self._expiries[0][0] if self._expiries else math.inf
-        release = self._next_release if self._replicated else math.inf
+        release = self._next_release if self._replicas else math.inf
         return min(self._due, expiry, release)
 
     def schedule(self, now: float) -> list[Action]:
@@ -445,16 +462,26 @@ class PredictiveScheduler(QueueScheduler):
                 continue
             actions.extend(placed)
             self._push_head(sha)
-        # Work waits for workers: wake when the first of them frees within the look-ahead
-        # (one free already but full of INFERs wakes us with its result).
-        waits_on = [self.plans[w] for w in self._waiting if w in self.plans]
-        if self._order and self._by_lane:
-            waits_on.append(self.plans[self._by_lane[0][1]])
-        for plan in waits_on:
-            first = min(plan.lanes) - self.lookahead_s
-            if first > now:
-                self._due = min(self._due, first)
+        self._wake_for_waiting(now)
         return actions
+
+    def _wake_for_waiting(self, now: float) -> None:
+        """Work waits for workers: wake when the first of them comes within the look-ahead
+        (one within it already but full of INFERs wakes us with its result). `_by_lane`
+        is sorted by first free executor, so the first waited-on entry past the horizon
+        is the earliest."""
+        horizon = now + self.lookahead_s
+        by_lane = self._by_lane
+        if self._order and by_lane and by_lane[0][0] > horizon:
+            self._due = min(self._due, by_lane[0][0] - self.lookahead_s)
+            return  # nothing frees sooner than the first lane of all
+        if not self._waiting:
+            return
+        first = bisect.bisect_right(by_lane, horizon, key=_free_time)
+        for free, wid in itertools.islice(by_lane, first, None):
+            if wid in self._waiting:
+                self._due = min(self._due, free - self.lookahead_s)
+                return
 
     def _unpark(self, now: float) -> None:
         """The most urgent live head waiting for each worker that frees within the
@@ -594,7 +621,8 @@ class PredictiveScheduler(QueueScheduler):
                 " deadline"))  # fmt: skip
             return []
         queue = self.queues[sha]
-        cap = self._rows_by(model, head.batch, start, head.deadline, kind)
+        most = min(model.max_batch, self.rows.get(sha, head.batch))  # rows queued here
+        cap = self._rows_by(model, head.batch, most, start, head.deadline, kind)
         batch: list[PendingRequest] = []
         rows = 0
         key = head.stack_key
@@ -614,14 +642,14 @@ class PredictiveScheduler(QueueScheduler):
         self._head(sha)
         return batch
 
-    def _rows_by(self, model: ModelRecord, least: int, start: float, deadline: float,
-                 kind: str) -> int:  # fmt: skip
-        """The most rows (at least `least`, at most the model's cap) whose run, started
-        at `start`, is predicted to end by `deadline`: a binary search, runs growing
-        with rows."""
+    def _rows_by(self, model: ModelRecord, least: int, most: int, start: float,
+                 deadline: float, kind: str) -> int:  # fmt: skip
+        """The most rows (at least `least`, at most `most`) whose run, started at
+        `start`, is predicted to end by `deadline`: a binary search, runs growing with
+        rows."""
         if not model.batchable:
             return least
-        lo, hi = least, max(least, model.max_batch)
+        lo, hi = least, max(least, most)
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if start + self.exec_s(model, mid, kind) <= deadline:
@@ -658,10 +686,15 @@ class PredictiveScheduler(QueueScheduler):
         actions[-1].start = max(now, plan.loader_free)
         plan.loader_free = actions[-1].start + load_s
         plan.ready[model.sha256] = plan.loader_free
-        holders = self.holders.setdefault(model.sha256, {})
-        holders[plan.worker.wid] = None
-        self._replicated |= len(holders) > 1
+        self.add_holder(model.sha256, plan.worker.wid)
         return actions
+
+    def add_holder(self, sha: str, wid: bytes) -> None:
+        """The worker holds (or is loading) the model."""
+        holders = self.holders.setdefault(sha, {})
+        holders[wid] = None
+        if len(holders) > 1:
+            self._replicas[sha] = None
 
     def _warm_up(self, now: float) -> list[Action]:
         """Start the loads admission planned (the model is not on the worker a request
@@ -709,11 +742,8 @@ class PredictiveScheduler(QueueScheduler):
     def _release_replicas(self, now: float) -> list[Action]:
         """UNLOAD replicas idle for replica_idle_s while another worker holds the model."""
         actions = []
-        self._replicated = False
-        for sha, wids in list(self.holders.items()):
-            if len(wids) < 2:
-                continue
-            self._replicated = True
+        for sha in list(self._replicas):
+            wids = self.holders[sha]
             plans = [self.plans[w] for w in wids if w in self.plans]
             plans.sort(key=lambda p: p.last_used.get(sha, 0.0), reverse=True)
             for plan in plans[1:]:
@@ -728,6 +758,8 @@ class PredictiveScheduler(QueueScheduler):
         wids = self.holders.get(sha)
         if wids is not None:
             wids.pop(wid, None)
+            if len(wids) < 2:
+                self._replicas.pop(sha, None)
             if not wids:
                 del self.holders[sha]
 
@@ -741,13 +773,26 @@ class PredictiveScheduler(QueueScheduler):
         """Re-time the worker from the clock and what it still has in flight; re-check
         the model's queue when its prediction rose or drifted."""
         if action.kind is ActionKind.INFER:
-            self._exec_memo.pop(action.sha256, None)  # its window has a new sample
+            entry = self._exec_memo.get(action.sha256)  # its window has a new sample
+            if entry and entry[0] != self.predictor.exec_generation(action.sha256):
+                del self._exec_memo[action.sha256]
         elif action.kind is ActionKind.LOAD:
-            self._load_memo.clear()  # a load time, and maybe the bandwidth, was learned
+            self._forget_load_memo(action.sha256, action.worker.kind)
         if replan:
             self.counters["replans"] += 1
             self._recheck.add(action.sha256)
         self._retime(plan, now, action)
+
+    def _forget_load_memo(self, sha: str, kind: str) -> None:
+        """A load of the model was measured: its own predictions change, and those of
+        every model predicted from bandwidth when the bandwidth estimate moved."""
+        generation = self.predictor.bandwidth_generation
+        if generation != self._bandwidth_seen:
+            self._bandwidth_seen = generation
+            self._load_memo.clear()
+            return
+        for tier in ("host", "cold"):
+            self._load_memo.pop((sha, kind, tier), None)
 
     def _retime(self, plan: WorkerPlan, now: float, done: Action | None = None) -> None:
         """Re-plan a worker from the clock and what it has in flight (`broker.timelines`).

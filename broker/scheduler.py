@@ -62,6 +62,7 @@ class WorkerPlan:
     owner: dict[str, str] = field(default_factory=dict)  # sha -> tenant its bytes count for
     last_used: dict[str, float] = field(default_factory=dict)  # sha -> last INFER placed
     running: dict[int, Action] = field(default_factory=dict)  # the INFERs of `inflight`
+    loading: dict[int, Action] = field(default_factory=dict)  # the LOADs of `inflight`
     pins: Counter[str] = field(default_factory=Counter)  # sha -> actions in flight or planned
     pinned: int = 0  # bytes of the loaded models in `pins`: they cannot be evicted
 
@@ -103,6 +104,8 @@ class WorkerPlan:
         self.inflight[action.id] = action
         if action.kind is ActionKind.INFER:
             self.running[action.id] = action
+        elif action.kind is ActionKind.LOAD:
+            self.loading[action.id] = action
         self.pin(action.sha256)
 
     def untrack(self, action: Action) -> bool:
@@ -110,6 +113,7 @@ class WorkerPlan:
         if self.inflight.pop(action.id, None) is None:
             return False
         self.running.pop(action.id, None)
+        self.loading.pop(action.id, None)
         self.unpin(action.sha256)
         return True
 
@@ -520,8 +524,8 @@ class QueueScheduler(Scheduler):
         """Whether the worker could load the model now, making room by evicting: room on
         the worker, room in its owner's device bound, a wall within its run bound."""
         return (
-            self.walled(plan, model)
-            and plan.can_fit(model.size)
+            plan.can_fit(model.size)  # the cheapest test and the one that fails most
+            and self.walled(plan, model)
             and self._tenant_victims(model) is not None
         )
 

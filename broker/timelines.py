@@ -69,13 +69,12 @@ def replan_loader(plan: WorkerPlan, now: float, freed: bool) -> tuple[float, dic
     loader = now
     ready: dict[str, float] = {}
     running = not freed
-    for action in plan.inflight.values():
-        if action.kind is ActionKind.LOAD:
-            d = action.expected_duration
-            if running and action.start:
-                loader = max(now, action.start + d)
-            else:
-                loader = max(loader, action.start) + d
-            running = False
-            ready[action.sha256] = loader
+    for action in plan.loading.values():
+        d = action.expected_duration
+        if running and action.start:
+            loader = max(now, action.start + d)
+        else:
+            loader = max(loader, action.start) + d
+        running = False
+        ready[action.sha256] = loader
     return loader, ready

@@ -36,9 +36,10 @@ LoadKey = tuple[str, str, str]  # (model sha256, worker kind, tier: "host" or "c
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) of values, nearest-rank: always a measured value."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
+    rank = max(1, math.ceil(q / 100.0 * len(values)))
+    if rank == len(values):  # the high percentiles of a short window: its maximum
+        return max(values)
+    return sorted(values)[rank - 1]
 
 
 @dataclass
@@ -63,7 +64,9 @@ class Window:
         values = list(self.samples)
         older, recent = values[:-recent_n], values[-recent_n:]
         low, high = min(older) / ratio, max(older) * ratio
-        if all(v > high for v in recent) or all(v < low for v in recent):
+        if low <= values[-1] <= high:
+            return False  # the newest is within the band: no drift (the common case)
+        if min(recent) > high or max(recent) < low:
             self.samples = deque(recent)
             return True
         return False
@@ -95,6 +98,10 @@ class Predictor:
     load_windows: dict[LoadKey, Window] = field(default_factory=dict)
     # (kind, tier) -> bytes per microsecond, the slowest recent load of any model
     bandwidth: dict[tuple[str, str], Window] = field(default_factory=dict)
+    # model -> how many times its exec estimates changed: a cache of them is good while
+    # this stands still (most samples neither set nor drop a window's percentile)
+    _generations: dict[str, int] = field(default_factory=dict)
+    bandwidth_generation: int = 0  # changes whenever a bandwidth estimate may have
     predicted: int = 0  # measurements compared with a prediction made before them
     within: int = 0  # of those, how many took no longer than predicted
 
@@ -109,6 +116,14 @@ class Predictor:
                 window.samples.append(float(us))
             while len(window.samples) > self.window:
                 window.samples.popleft()
+        self._bump(model)
+
+    def exec_generation(self, model: str) -> int:
+        """Changes whenever an exec estimate of the model may have changed."""
+        return self._generations.get(model, 0)
+
+    def _bump(self, model: str) -> None:
+        self._generations[model] = self._generations.get(model, 0) + 1
 
     def exec_us(self, model: str, kind: str, batch: int) -> float | None:
         """Predicted exec time of `batch` rows; None when nothing is known of the model.
@@ -159,7 +174,17 @@ class Predictor:
         """A measured exec time; True on a drift (the older samples were dropped)."""
         self._score(self.exec_us(model, kind, batch), us)
         window = self._exec_window(model, kind, batch)
-        return window.add(float(us), self.drift_ratio, self.drift_samples)
+        before = self._standing(window)
+        drifted = window.add(float(us), self.drift_ratio, self.drift_samples)
+        if drifted or self._standing(window) != before:
+            self._bump(model)
+        return drifted
+
+    def _standing(self, window: Window) -> tuple[float | None, bool, bool]:
+        """What the model's estimates read of one window: its percentile, whether it
+        predicts alone, whether it has samples at all."""
+        n = len(window.samples)
+        return window.estimate(self.quantile), n >= self.min_samples, n > 0
 
     def _exec_window(self, model: str, kind: str, batch: int) -> Window:
         window = self.exec_windows.get((model, kind, batch))
@@ -193,7 +218,10 @@ class Predictor:
         self._score(self.load_us(model, kind, tier, nbytes), us)
         if us > 0 and nbytes > 0:
             rates = self.bandwidth.setdefault((kind, tier), Window(self.window))
+            slowest = min(rates.samples, default=None)
             rates.add(nbytes / us, self.drift_ratio, self.drift_samples)
+            if min(rates.samples) != slowest:
+                self.bandwidth_generation += 1
         window = self.load_windows.setdefault((model, kind, tier), Window(self.window))
         return window.add(float(us), self.drift_ratio, self.drift_samples)
 
@@ -219,3 +247,4 @@ class Predictor:
             del self._sizes[key]
         for key in [k for k in self.load_windows if k[0] == model]:
             del self.load_windows[key]
+        self._bump(model)

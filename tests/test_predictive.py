@@ -35,8 +35,7 @@ def hold(s: PredictiveScheduler, worker: WorkerState, *models) -> WorkerState:
     """Make `worker` hold `models`, as if their LOADs had finished."""
     for m in models:
         plan(s, worker).hold(m.sha256, m.size)
-        s.holders.setdefault(m.sha256, {})[worker.wid] = None
-        s._replicated |= len(s.holders[m.sha256]) > 1
+        s.add_holder(m.sha256, worker.wid)
     return worker
 
 

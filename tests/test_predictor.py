@@ -91,3 +91,27 @@ def test_forget_drops_a_model() -> None:
     p.observe_load("m", "cpu", "host", 10, 1.0)
     p.forget("m")
     assert p.exec_us("m", "cpu", 1) is None and p.load_us("m", "cpu", "host", 10) == 1.0
+
+
+def test_the_generation_moves_only_when_an_estimate_may_have() -> None:
+    p = Predictor(window=4, min_samples=2)
+    p.seed_exec("m", "cpu", {1: [100.0, 100.0, 120.0, 100.0]})
+    seen = p.exec_generation("m")
+    p.observe_exec("m", "cpu", 1, 110.0)  # below the window's maximum: the same estimate
+    assert p.exec_generation("m") == seen and p.exec_us("m", "cpu", 1) == 120.0
+    p.observe_exec("m", "cpu", 1, 150.0)  # a new maximum
+    assert p.exec_generation("m") != seen and p.exec_us("m", "cpu", 1) == 150.0
+    seen = p.exec_generation("m")
+    p.observe_exec("m", "cpu", 4, 300.0)  # a first sample of a new batch size
+    assert p.exec_generation("m") != seen and p.exec_generation("other") == 0
+
+
+def test_the_bandwidth_generation_moves_when_the_slowest_rate_does() -> None:
+    p = Predictor(window=4)
+    p.observe_load("a", "cpu", "host", 1000, 10.0)  # 100 B/us
+    first = p.bandwidth_generation
+    p.observe_load("b", "cpu", "host", 2000, 10.0)  # faster: the slowest is unchanged
+    assert p.bandwidth_generation == first
+    p.observe_load("c", "cpu", "host", 500, 10.0)  # slower: models without a window move
+    assert p.bandwidth_generation != first
+    assert p.load_us("d", "cpu", "host", 500) == 10.0
