@@ -125,6 +125,7 @@ class PredictiveScheduler(QueueScheduler):
         self._waiting: dict[bytes, list[Any]] = {}  # wid -> head entries waiting for it
         self._by_free: list[tuple[float, bytes]] = []  # (free estimate, wid), sorted
         self._free_key: dict[bytes, tuple[float, bytes]] = {}  # wid -> its _by_free entry
+        self._stale: dict[bytes, WorkerPlan] = {}  # workers whose _by_free entry moved
         self._by_lane: list[tuple[float, bytes]] = []  # (first free executor, wid), sorted
         self._lane_key: dict[bytes, tuple[float, bytes]] = {}  # wid -> its _by_lane entry
 
@@ -329,6 +330,7 @@ class PredictiveScheduler(QueueScheduler):
                     out.append((plan, *self._start(plan, model, now), True))
         found = held = 0
         size, plans = model.size, self.plans
+        self._reindex_stale()
         for _, wid in self._by_free:  # the workers that can take new work first
             if found >= CANDIDATES and (few or held >= HOLDERS):
                 break
@@ -365,6 +367,16 @@ class PredictiveScheduler(QueueScheduler):
         self._reindex(plan)
 
     def _reindex(self, plan: WorkerPlan) -> None:
+        """The worker's place in `_by_free` changed; it is re-sorted when next read (a
+        batch taken or a request booked moves the same worker many times in a row)."""
+        self._stale[plan.worker.wid] = plan
+
+    def _reindex_stale(self) -> None:
+        for plan in self._stale.values():
+            self._reindex_now(plan)
+        self._stale.clear()
+
+    def _reindex_now(self, plan: WorkerPlan) -> None:
         """Keep `_by_free` sorted by when each worker could take new work: its first
         free executor plus the queued work planned on it, spread over its executors."""
         wid = plan.worker.wid
