@@ -26,7 +26,9 @@ Modules:
   the twin (msgpack itself) is the reference the C path falls back to.
 - `_pages`: `PagePool` and `Allocation`, the page allocator behind the worker's host
   memory pool: weights live once in fixed pages of one buffer, so a swap-in builds a
-  session over them without copying.
+  session over them without copying; with `backed=False`, the same accounting without
+  memory, for a device pool's pages on the GPU; `address` lets the buffer be registered
+  as pinned memory.
 - `_actiontable`: `ActionTable`, the worker's lock-free request table: the I/O thread
   puts timed actions into fixed slots, executor threads claim them without a lock.
 """

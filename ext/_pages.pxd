@@ -4,8 +4,10 @@ from libc.stdint cimport uint8_t
 
 
 cdef class PagePool:
-    cdef char* base             # the anonymous mmap, total * size bytes; NULL once closed
+    cdef char* base             # the anonymous mmap, total * size bytes; NULL if unbacked or closed
     cdef uint8_t* held          # one byte per page, 1 while held by an allocation; NULL once closed
+    cdef bint has_buffer        # the pool owns host memory (False: page accounting only)
+    cdef bint closed            # close() has run: every method but close() raises ValueError
     cdef Py_ssize_t size        # bytes per page, a positive multiple of 64
     cdef Py_ssize_t total       # number of pages in the buffer
     cdef Py_ssize_t free        # pages whose byte in `held` is 0
@@ -14,6 +16,7 @@ cdef class PagePool:
     cdef Py_ssize_t exports     # buffers exported through _Span and not yet released
 
     cdef int _check_open(self) except -1
+    cdef int _check_backed(self) except -1
     cdef Py_ssize_t _first_run(self, Py_ssize_t k) noexcept
     cdef Py_ssize_t _largest_run(self) noexcept
     cdef object _span(self, Py_ssize_t first, Py_ssize_t count)

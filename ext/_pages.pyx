@@ -13,6 +13,15 @@ than a bit map: a host pool has tens of thousands of pages (64 GiB in 1 MiB page
 64 KiB map), so bits would save nothing that matters, while bytes keep every scan a plain
 loop without shifts or masks and match the twin's bytearray one for one.
 
+Unbacked pools: `PagePool(..., backed=False)` maps no buffer and keeps only the page map
+and counters, the accounting of memory that lives elsewhere: a device memory pool's pages
+are on the GPU (worker/gpu/pools.py). `base` is then NULL for the pool's whole life, so
+whether a pool is closed is its own flag, `closed`, not `base == NULL`.
+
+Address: `PagePool.address` is `base` as an int (0 when unbacked), so that the worker can
+register the whole buffer as pinned memory (cudaHostRegister) and copy pages to the GPU
+from `address + page * page_size`.
+
 Views: `page()` and `view()` return memoryviews of a `_Span`, a small exporter of one
 range of the buffer that holds a reference to its pool; the pool counts the buffers its
 spans export, and `close()` raises BufferError while one lives, as mmap.close() does in
@@ -33,6 +42,7 @@ both raise the same exceptions in the same words; tests/test_pages.py runs again
 """
 
 cimport cython
+from libc.stdint cimport uintptr_t
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
 from cpython.exc cimport PyErr_SetFromErrno
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
@@ -41,7 +51,7 @@ from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
-from ext._pages_py import EXPORTED, _exhausted, _geometry, _pages_for
+from ext._pages_py import EXPORTED, UNBACKED, _exhausted, _geometry, _pages_for
 
 
 cdef inline int _put(tuple t, Py_ssize_t j, Py_ssize_t value) except -1:
@@ -68,25 +78,34 @@ cdef int _check_os(bint failed) except -1:
 cdef class PagePool:
     """One large buffer split into fixed-size pages: the host tier's weights live here.
 
-    PagePool(capacity_bytes, page_size=1 MiB) has capacity_bytes // page_size pages
-    (ValueError unless page_size is a positive multiple of 64 and there is at least one
-    page). The buffer is one anonymous mmap, page-aligned and zero-filled lazily by the
-    OS; pages handed out again are not cleared. `close()` (or leaving a `with` block)
-    releases it: BufferError while a memoryview of it lives, and afterwards every method
-    and property but `close()` raises ValueError, as do the live allocations' methods.
-    Calls are not synchronised beyond the GIL: share a pool between threads behind a lock.
+    PagePool(capacity_bytes, page_size=1 MiB, *, backed=True) has
+    capacity_bytes // page_size pages (ValueError unless page_size is a positive multiple
+    of 64 and there is at least one page). The buffer is one anonymous mmap, page-aligned
+    and zero-filled lazily by the OS; pages handed out again are not cleared; `address` is
+    where it starts, for registering it with cudaHostRegister. `close()` (or leaving a
+    `with` block) releases it: BufferError while a memoryview of it lives, and afterwards
+    every method and property but `close()` raises ValueError, as do the live allocations'
+    methods. Calls are not synchronised beyond the GIL: share a pool between threads
+    behind a lock.
+
+    With backed=False there is no buffer: the pool keeps only the page accounting, for
+    memory that lives elsewhere (a device pool's, on the GPU). Allocation, freeing and
+    every counter work as in a backed pool; `address` is 0 and the allocations' `page()`
+    and `view()` raise ValueError.
     """
 
-    def __cinit__(self, capacity_bytes, page_size=1 << 20):
+    def __cinit__(self, capacity_bytes, page_size=1 << 20, *, bint backed=True):
         cdef void* base
         self.size, self.total = _geometry(capacity_bytes, page_size)
+        self.has_buffer = backed
         self.held = <uint8_t*>PyMem_Calloc(self.total, 1)
         if self.held == NULL:
             raise MemoryError()
-        base = mmap(NULL, self.total * self.size, PROT_READ | PROT_WRITE,
-                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        _check_os(base == MAP_FAILED)
-        self.base = <char*>base
+        if backed:
+            base = mmap(NULL, self.total * self.size, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            _check_os(base == MAP_FAILED)
+            self.base = <char*>base
         self.free = self.total
 
     def __dealloc__(self):
@@ -101,6 +120,18 @@ cdef class PagePool:
 
     def __reduce__(self):
         raise TypeError("cannot pickle PagePool")
+
+    @property
+    def backed(self):
+        """Whether the pool owns host memory (False: page accounting only)."""
+        self._check_open()
+        return self.has_buffer
+
+    @property
+    def address(self):
+        """The buffer's base address (page-aligned), or 0 for an unbacked pool."""
+        self._check_open()
+        return <uintptr_t>self.base
 
     @property
     def page_size(self):
@@ -185,7 +216,7 @@ cdef class PagePool:
 
     def close(self):
         """Release the buffer; BufferError (and the pool stays open) while a view lives."""
-        if self.base == NULL:
+        if self.closed:
             return
         if self.exports:
             raise BufferError(EXPORTED)
@@ -194,8 +225,13 @@ cdef class PagePool:
     # -- internals ---------------------------------------------------------------------
 
     cdef int _check_open(self) except -1:
-        if self.base == NULL:
+        if self.closed:
             raise ValueError("pool is closed")
+        return 0
+
+    cdef int _check_backed(self) except -1:
+        if not self.has_buffer:
+            raise ValueError(UNBACKED)
         return 0
 
     cdef Py_ssize_t _first_run(self, Py_ssize_t k) noexcept:
@@ -236,6 +272,7 @@ cdef class PagePool:
             self.base = NULL
         PyMem_Free(self.held)
         self.held = NULL
+        self.closed = True
 
 
 @cython.final
@@ -245,9 +282,10 @@ cdef class Allocation:
 
     `pages` are the page indices, ascending; `contiguous` says whether they are adjacent
     (always so when asked contiguous, or for one page). `page(i)` and `view()` are
-    writable memoryviews into the pool's buffer, never copies. `free()` does not look for
-    live views: a view kept past it still works and sees what the next owner writes, so
-    drop views (and arrays over them) first.
+    writable memoryviews into the pool's buffer, never copies (ValueError in an unbacked
+    pool, which has no buffer). `free()` does not look for live views: a view kept past it
+    still works and sees what the next owner writes, so drop views (and arrays over them)
+    first.
     """
 
     def __cinit__(self):
@@ -263,6 +301,7 @@ cdef class Allocation:
         """A writable view of the i-th page (0 <= i < len(pages)), page_size bytes."""
         j = PyNumber_Index(i)
         self._check_usable()
+        self.pool._check_backed()
         if not 0 <= j < len(self.pages):
             raise IndexError(f"page {j} is out of range for {len(self.pages)} pages")
         return self.pool._span(self.pages[j], 1)
@@ -270,6 +309,7 @@ cdef class Allocation:
     def view(self):
         """A writable view of all the pages; ValueError unless they are adjacent."""
         self._check_usable()
+        self.pool._check_backed()
         if not self.contiguous:
             raise ValueError("the pages are not adjacent: view them one by one with page(i)")
         return self.pool._span(self.pages[0], len(self.pages))

@@ -5,12 +5,16 @@ anonymous private `mmap`; page states are a bytearray, one byte per page (1 whil
 so the scans are bytearray searches: `find(0)` for the lowest free page and
 `find(bytes(k))` for the first run of k free pages. Views are slices of
 `memoryview(mmap)`, so the mmap itself counts them and refuses to close while one lives;
-the C version counts its exports to match. The argument checks and the `PoolExhausted`
-message below are shared with the C version, so both raise the same exceptions.
+the C version counts its exports to match. The buffer's address (`PagePool.address`, for
+cudaHostRegister) is read once through ctypes, whose export is dropped at once so that it
+never holds the mmap open. An unbacked pool (`backed=False`) has no mmap at all. The
+argument checks and the messages below are shared with the C version, so both raise the
+same exceptions.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import operator
 import sys
@@ -20,6 +24,10 @@ from mtcore.errors import PoolExhausted
 
 ALIGN: Final = 64  # page_size must be a multiple: each page starts on a cache line
 EXPORTED: Final = "cannot close the pool while memoryviews of its pages are alive"
+UNBACKED: Final = (
+    "the pool has no host memory: it keeps only the page accounting of memory that lives"
+    " elsewhere (made with backed=False), so its pages have no views"
+)
 
 
 def _geometry(capacity_bytes: int, page_size: int) -> tuple[int, int]:
@@ -65,20 +73,47 @@ class PagePool:
     that fragmentation can refuse; lowest-first placement keeps the low end dense and the
     long runs at the high end.
 
-    PagePool(capacity_bytes, page_size=1 MiB) has capacity_bytes // page_size pages
-    (ValueError unless page_size is a positive multiple of 64 and there is at least one
-    page). The buffer is one anonymous mmap, page-aligned and zero-filled lazily by the
-    OS; pages handed out again are not cleared. `close()` (or leaving a `with` block)
-    releases it: BufferError while a memoryview of it lives, and afterwards every method
-    and property but `close()` raises ValueError, as do the live allocations' methods.
-    Calls are not synchronised beyond the GIL: share a pool between threads behind a lock.
+    PagePool(capacity_bytes, page_size=1 MiB, *, backed=True) has
+    capacity_bytes // page_size pages (ValueError unless page_size is a positive multiple
+    of 64 and there is at least one page). The buffer is one anonymous mmap, page-aligned
+    and zero-filled lazily by the OS; pages handed out again are not cleared; `address` is
+    where it starts, for registering it with cudaHostRegister. `close()` (or leaving a
+    `with` block) releases it: BufferError while a memoryview of it lives, and afterwards
+    every method and property but `close()` raises ValueError, as do the live allocations'
+    methods. Calls are not synchronised beyond the GIL: share a pool between threads
+    behind a lock.
+
+    With backed=False there is no buffer: the pool keeps only the page accounting, for
+    memory that lives elsewhere (a device pool's, on the GPU). Allocation, freeing and
+    every counter work as in a backed pool; `address` is 0 and the allocations' `page()`
+    and `view()` raise ValueError.
     """
 
-    __slots__ = ("_closed", "_free", "_live", "_mmap", "_requested", "_size", "_states", "_total")
+    __slots__ = (
+        "_address",
+        "_backed",
+        "_closed",
+        "_free",
+        "_live",
+        "_mmap",
+        "_requested",
+        "_size",
+        "_states",
+        "_total",
+    )
 
-    def __init__(self, capacity_bytes: int, page_size: int = 1 << 20) -> None:
+    def __init__(
+        self, capacity_bytes: int, page_size: int = 1 << 20, *, backed: bool = True
+    ) -> None:
         self._size, self._total = _geometry(capacity_bytes, page_size)
-        self._mmap = mmap.mmap(-1, self._size * self._total, flags=mmap.MAP_PRIVATE)
+        self._backed = bool(backed)
+        self._mmap: mmap.mmap | None = None  # the buffer; None if unbacked
+        self._address = 0  # where the buffer starts; 0 if unbacked
+        if self._backed:
+            self._mmap = mmap.mmap(-1, self._size * self._total, flags=mmap.MAP_PRIVATE)
+            # from_buffer exports the mmap; the ctypes object dies in this statement, and
+            # the export with it, so close() still works.
+            self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
         self._states = bytearray(self._total)  # one byte per page, 1 while held
         self._free = self._total  # pages whose state is 0
         self._requested = 0  # sum of the nbytes of live allocations
@@ -94,6 +129,18 @@ class PagePool:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("cannot pickle PagePool")
+
+    @property
+    def backed(self) -> bool:
+        """Whether the pool owns host memory (False: page accounting only)."""
+        self._check_open()
+        return self._backed
+
+    @property
+    def address(self) -> int:
+        """The buffer's base address (page-aligned), or 0 for an unbacked pool."""
+        self._check_open()
+        return self._address
 
     @property
     def page_size(self) -> int:
@@ -170,10 +217,11 @@ class PagePool:
         """Release the buffer; BufferError (and the pool stays open) while a view lives."""
         if self._closed:
             return
-        try:
-            self._mmap.close()
-        except BufferError:
-            raise BufferError(EXPORTED) from None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                raise BufferError(EXPORTED) from None
         self._closed = True
         self._states = bytearray()
 
@@ -182,6 +230,10 @@ class PagePool:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("pool is closed")
+
+    def _check_backed(self) -> None:
+        if not self._backed:
+            raise ValueError(UNBACKED)
 
     def _largest_run(self) -> int:
         return max(map(len, self._states.split(b"\x01")))
@@ -204,9 +256,10 @@ class Allocation:
 
     `pages` are the page indices, ascending; `contiguous` says whether they are adjacent
     (always so when asked contiguous, or for one page). `page(i)` and `view()` are
-    writable memoryviews into the pool's buffer, never copies. `free()` does not look for
-    live views: a view kept past it still works and sees what the next owner writes, so
-    drop views (and arrays over them) first.
+    writable memoryviews into the pool's buffer, never copies (ValueError in an unbacked
+    pool, which has no buffer). `free()` does not look for live views: a view kept past it
+    still works and sees what the next owner writes, so drop views (and arrays over them)
+    first.
     """
 
     __slots__ = ("_contiguous", "_freed", "_nbytes", "_pages", "_pool")
@@ -247,6 +300,7 @@ class Allocation:
         """A writable view of the i-th page (0 <= i < len(pages)), page_size bytes."""
         j = operator.index(i)
         self._check_usable()
+        self._pool._check_backed()
         if not 0 <= j < len(self._pages):
             raise IndexError(f"page {j} is out of range for {len(self._pages)} pages")
         return self._pool._span(self._pages[j], 1)
@@ -254,6 +308,7 @@ class Allocation:
     def view(self) -> memoryview:
         """A writable view of all the pages; ValueError unless they are adjacent."""
         self._check_usable()
+        self._pool._check_backed()
         if not self._contiguous:
             raise ValueError("the pages are not adjacent: view them one by one with page(i)")
         return self._pool._span(self._pages[0], len(self._pages))

@@ -2,13 +2,15 @@
 
 Every test runs against both implementations; the C one is skipped only when it is not
 built. A Hypothesis state machine checks each against a list-of-pages model, and a
-property test checks that both choose the same pages and raise the same errors.
+property test checks that both choose the same pages and raise the same errors. Unbacked
+pools (backed=False, the accounting of a device pool) must account exactly as backed ones.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import mmap
 import pickle
 from types import ModuleType
 
@@ -251,17 +253,22 @@ def test_closed_pool(impl: ModuleType) -> None:
     exporter = a.page(0).obj  # what a view's buffer comes from; the view itself is gone
     p.close()
     p.close()  # idempotent
+    assert_closed(p, a)
+    with pytest.raises(ValueError):
+        memoryview(exporter)  # no view of an unmapped buffer
+    assert (a.pages, a.freed) == ((0,), False)
+
+
+def assert_closed(p, a) -> None:
+    """Every property and method of closed pool p, and of its live allocation a, fails."""
     for name in ("page_size", "pages_total", "pages_free", "bytes_reserved",
-                 "bytes_requested", "live_allocations"):  # fmt: skip
+                 "bytes_requested", "live_allocations", "address", "backed"):  # fmt: skip
         with pytest.raises(ValueError, match="pool is closed"):
             getattr(p, name)
     for call in (p.largest_run, lambda: p.alloc(1), p.__enter__, a.view, a.free,
                  lambda: a.page(0)):  # fmt: skip
         with pytest.raises(ValueError, match="pool is closed"):
             call()
-    with pytest.raises(ValueError):
-        memoryview(exporter)  # no view of an unmapped buffer
-    assert (a.pages, a.freed) == ((0,), False)
 
 
 def test_context_manager(impl: ModuleType) -> None:
@@ -281,6 +288,91 @@ def test_argument_conversion_that_closes_the_pool(impl: ModuleType) -> None:
 
     with pytest.raises(ValueError, match="pool is closed"):
         p.alloc(ClosesPool())
+
+
+# -- the address, and unbacked pools ------------------------------------------------------
+
+
+def test_address_is_the_page_aligned_buffer(impl: ModuleType) -> None:
+    p = impl.PagePool(4 * PAGE, PAGE)
+    assert p.backed is True
+    assert p.address != 0
+    assert p.address % mmap.PAGESIZE == 0  # what cudaHostRegister has always accepted
+    p.alloc(PAGE)
+    b = p.alloc(2 * PAGE)
+    assert address(b.view()) == address(b.page(0)) == p.address + PAGE
+    assert address(b.page(1)) == p.address + 2 * PAGE
+    assert p.address == p.address  # reading it again exports nothing new
+    gc.collect()
+    p.close()  # reading the address left no export behind (the twin's ctypes object)
+    with pytest.raises(ValueError, match="pool is closed"):
+        _ = p.address
+
+
+def test_backed_is_keyword_only(impl: ModuleType) -> None:
+    with pytest.raises(TypeError):
+        impl.PagePool(4 * PAGE, PAGE, False)
+    with impl.PagePool(4 * PAGE, PAGE, backed=True) as p:
+        assert p.backed is True
+
+
+def test_unbacked_pool_accounts_without_memory(impl: ModuleType) -> None:
+    p = impl.PagePool(5 * PAGE + 63, PAGE, backed=False)
+    assert (p.backed, p.address) == (False, 0)
+    assert (p.page_size, p.pages_total, p.pages_free, p.largest_run()) == (PAGE, 5, 5, 5)
+    a = p.alloc(PAGE + 1)
+    b = p.alloc(PAGE, contiguous=True)
+    assert (a.pages, a.nbytes, a.contiguous, a.freed) == ((0, 1), PAGE + 1, True, False)
+    assert b.pages == (2,)
+    assert (p.pages_free, p.bytes_reserved, p.bytes_requested, p.live_allocations) == (
+        2, 3 * PAGE, 2 * PAGE + 1, 2,
+    )  # fmt: skip
+    for call in (a.view, lambda: a.page(0), lambda: a.page(5)):  # no memory before the index
+        with pytest.raises(ValueError, match="the pool has no host memory: "):
+            call()
+    with pytest.raises(TypeError):
+        a.page(1.0)
+    with pytest.raises(PoolExhausted, match=r"3 contiguous .* 2 of 5 .* largest free run is 2"):
+        p.alloc(3 * PAGE, contiguous=True)
+    a.free()
+    with pytest.raises(ValueError, match="allocation is freed"):
+        a.view()
+    with pytest.raises(ValueError, match="already freed"):
+        a.free()
+    assert (p.pages_free, p.bytes_requested, p.live_allocations, p.largest_run()) == (
+        4, PAGE, 1, 2,
+    )  # fmt: skip
+    b.free()
+    assert (p.pages_free, p.bytes_reserved, p.bytes_requested, p.live_allocations) == (
+        5, 0, 0, 0,
+    )  # fmt: skip
+    p.close()
+
+
+def test_unbacked_pool_can_be_huge(impl: ModuleType) -> None:
+    """Nothing is mapped: the accounting of 1 TiB of 1 MiB pages costs a 1 MiB page map."""
+    with impl.PagePool(1 << 40, 1 << 20, backed=False) as p:
+        assert (p.pages_total, p.address) == (1 << 20, 0)
+        assert p.alloc(3 << 30, contiguous=True).pages == tuple(range(3 << 10))
+
+
+def test_closed_unbacked_pool(impl: ModuleType) -> None:
+    p = impl.PagePool(4 * PAGE, PAGE, backed=False)
+    a = p.alloc(PAGE)
+    p.close()  # live allocations do not keep an unbacked pool open, nor a backed one
+    p.close()  # idempotent
+    assert_closed(p, a)
+    assert (a.pages, a.freed) == ((0,), False)
+    with impl.PagePool(4 * PAGE, PAGE, backed=False) as q:
+        q.alloc(PAGE)
+    with pytest.raises(ValueError, match="pool is closed"):
+        q.alloc(PAGE)
+
+
+@settings(max_examples=100, deadline=None)
+@given(pages=st.integers(1, 24), ops=st.deferred(lambda: OPS))
+def test_unbacked_pools_account_as_backed_ones(impl: ModuleType, pages: int, ops) -> None:
+    assert trace(impl, pages, ops, backed=False) == trace(impl, pages, ops)
 
 
 @pytest.mark.parametrize("nth", [1, 2])
@@ -464,11 +556,11 @@ OPS = st.lists(
 )
 
 
-def trace(module: ModuleType, pages: int, ops: list[tuple]) -> list[object]:
+def trace(module: ModuleType, pages: int, ops: list[tuple], backed: bool = True) -> list[object]:
     """What each operation returned or raised, on a fresh pool of the given module."""
     out: list[object] = []
     live = []
-    with module.PagePool(pages * PAGE, PAGE) as pool:
+    with module.PagePool(pages * PAGE, PAGE, backed=backed) as pool:
         for op in ops:
             if op[0] == "alloc":
                 try:
@@ -480,7 +572,8 @@ def trace(module: ModuleType, pages: int, ops: list[tuple]) -> list[object]:
                     out.append((a.pages, a.contiguous))
             elif live:
                 live.pop(op[1] % len(live)).free()
-            out.append((pool.pages_free, pool.largest_run()))
+            out.append((pool.pages_free, pool.largest_run(), pool.bytes_reserved,
+                        pool.bytes_requested, pool.live_allocations))  # fmt: skip
     return out
 
 
