@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from mtcore.errors import ModelInvalid
 from mtcore.protocol import DEFAULT_LIMITS, TensorDesc
@@ -53,18 +54,26 @@ class ModelSignature:
         return ""
 
 
-def check_model(data: bytes) -> ModelSignature:
-    """Validate ONNX bytes and return the signature; raise ModelInvalid saying why not."""
+def load_onnx(data: bytes) -> Any:
+    """The parsed ModelProto of ONNX bytes with a graph; ModelInvalid saying why not."""
     import onnx
 
     try:
-        model = onnx.load_model_from_string(data)
+        model = onnx.load_model_from_string(bytes(data))
     except Exception as exc:
         raise ModelInvalid(
             f"the bytes are not an ONNX model (protobuf parse failed: {exc})"
         ) from None
     if not model.HasField("graph") or not model.graph.node:
         raise ModelInvalid("the ONNX model has no graph nodes; is this really an exported model?")
+    return model
+
+
+def check_model(data: bytes) -> ModelSignature:
+    """Validate ONNX bytes and return the signature; raise ModelInvalid saying why not."""
+    import onnx
+
+    model = load_onnx(data)
     _check_external_data(model)
     _check_domains(model)
     try:
