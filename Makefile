@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The torch engine (worker/gpu/) is tested on the CPU with PyTorch's CPU build; this
+# machine kind keeps that wheel on disk (a bare `torch` would fetch a CUDA build of GBs).
+TORCH  ?= torch==2.13.0
 
 .PHONY: install build test test-pure demo bench lint clean cclient sysdeps
 
@@ -12,6 +15,7 @@ $(VENV)/bin/python:
 
 $(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd) | sysdeps
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q '$(TORCH)' || echo "make: $(TORCH) not installed; the torch engine's tests skip"
 	$(PY) setup.py -q build_ext --inplace
 	touch $(STAMP)
 

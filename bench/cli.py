@@ -8,6 +8,7 @@
     mtbench scheduler    both schedulers: 64 simulated workers, and one real CPU worker
     mtbench isolation    tenant B bursts to 5x capacity; tenant A keeps its deadlines
     mtbench curve        what CURVE costs: plain and secure brokers side by side
+    mtbench gpu          the GPU worker: pool copies, swap-in, exec, overlap (needs a GPU)
 
 Ray binds some servers on 0.0.0.0, so with Ray (`--target ray`, `compare --ray`) this
 command re-executes itself in a private network namespace that has only loopback
@@ -103,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
         "isolation", help="one tenant bursts, another keeps its deadlines", add_help=False
     )
     sub.add_parser("curve", help="what CURVE costs: plain and secure brokers", add_help=False)
+    sub.add_parser("gpu", help="the GPU worker's figures (needs a GPU)", add_help=False)
     return p
 
 
@@ -345,18 +347,12 @@ def _run_config(
 # ---------------------------------------------------------------------------- main
 
 
-OWN_FLAGS = ("ccore", "swap", "scheduler", "isolation", "curve")
+OWN_FLAGS = ("ccore", "swap", "scheduler", "isolation", "curve", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in (
-        "ccore",
-        "swap",
-        "scheduler",
-        "isolation",
-        "curve",
-    ):  # own flags: --help
+    if argv and argv[0] in OWN_FLAGS:  # own flags: --help
         module = importlib.import_module(f"bench.{argv[0]}")
         return module.main(argv[1:])
     args = parser().parse_args(argv)

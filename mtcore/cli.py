@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--host-memory-mb", type=int, default=4096, help="host tier per worker: weights in pages"
     )
+    add_engine_argument(up)
     add_scheduler_arguments(up)
     add_insecure_argument(up)
     up.set_defaults(run=cmd_up)
@@ -94,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
         help="activation memory one process may hold while running models; a run asking more "
         "fails with EXEC_FAILED (0: no wall)",
     )  # fmt: skip
+    add_engine_argument(w)
     w.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     w.add_argument("--exec-threads", type=int, default=1, help="exec executors (batches at once)")
     w.add_argument(
@@ -209,6 +211,16 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_engine_argument(p: argparse.ArgumentParser) -> None:
+    from mtcore.config import ENGINES
+
+    p.add_argument(
+        "--engine", choices=ENGINES, default="auto",
+        help="what runs models: auto takes TensorRT, then the torch engine on a GPU, else"
+        " ONNX Runtime on the CPU; torch also runs on the CPU when asked for",
+    )  # fmt: skip
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from mtcore.cluster import LocalCluster
 
@@ -219,6 +231,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         memory_mb=args.memory_mb,
         host_memory_mb=args.host_memory_mb,
         broker_args=["--scheduler", args.scheduler, "--objective", args.objective],
+        worker_args=["--engine", args.engine],
         secure=not args.insecure,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -328,8 +341,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_run_seconds=args.max_run_s,
         spin_us=args.spin_us,
         key_file=args.key_file,
+        engine=args.engine,
     )
-    worker = Worker(config)
+    try:
+        worker = Worker(config)
+    except ValueError as exc:  # an engine this machine cannot run
+        print(f"mtserve worker: {exc}", file=sys.stderr)
+        return 2
     worker.install_signal_handlers()
     # Defense in depth: an empty working directory, so no relative path inside a model
     # (the checks refuse external data anyway) can reach the broker's state.

@@ -16,6 +16,9 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 
+ENGINES = ("auto", "onnxruntime", "torch", "tensorrt")  # what a worker may run models with
+
+
 @dataclass
 class BrokerConfig:
     """The broker process: its sockets, its state on disk and its limits."""
@@ -67,7 +70,8 @@ class WorkerConfig:
     fetch_attempts: int = 3  # then the actions waiting for the bytes fail
     heartbeat_interval: float = 1.0  # worker -> broker heartbeat when idle
     heartbeat_liveness: float = 5.0  # broker silent this long: reconnect
-    kind: str = "cpu"  # backend kind reported to the broker
+    engine: str = "auto"  # what runs models: auto, onnxruntime, torch, tensorrt (worker.engines)
+    kind: str = ""  # reported to the broker (predictions are per kind); "": the engine's
     key_file: str = ""  # CURVE: this worker's secret key file (mtcore/keys.py); "": plain
     max_run_seconds: float = 60.0  # a model run (or profile) longer than this is stopped
     spin_us: int = 0  # busy-poll this long after each message before sleeping (latency vs CPU)

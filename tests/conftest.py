@@ -12,6 +12,7 @@ import zmq
 from mtcore.client import Client
 from mtcore.cluster import LocalCluster
 from mtcore.protocol import TAG, Cmd, build, decode_header
+from worker.watchdog import Watchdog
 
 # Workers run a graph optimized once, without prepacking, over weights shared from their
 # host pool; kernels then sum in another order than a fresh session's: fp32 rounding only.
@@ -32,6 +33,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def watchdog() -> Iterator[Watchdog]:
+    dog = Watchdog()
+    dog.start()
+    yield dog
+    dog.stop()
 
 
 def start_cluster(state_dir: Path, **kwargs) -> LocalCluster:

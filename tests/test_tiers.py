@@ -37,14 +37,6 @@ def host(tmp_path: Path):
     tier.pool.close()
 
 
-@pytest.fixture
-def watchdog():
-    dog = Watchdog()
-    dog.start()
-    yield dog
-    dog.stop()
-
-
 def sha(name: str) -> str:
     return f"{name:0<64}"[:64]
 

@@ -23,13 +23,8 @@ from mtcore.actions import (
     UnloadModel,
 )
 from mtcore.errors import ModelInvalid, MTError, PoolExhausted
+from worker.engines import Engine, OnnxEngine
 from worker.executor import Job
-from worker.onnx_backend import (
-    build_session,
-    make_session,
-    measure_session_bytes,
-    profile,
-)
 from worker.tiers import DeviceTier, HostModel, HostTier, Runnable
 from worker.watchdog import Watchdog
 
@@ -51,11 +46,11 @@ class Loader:
 
     def __init__(
         self, host: HostTier, device: DeviceTier, threads: int, watchdog: Watchdog,
-        max_run_s: float,
+        max_run_s: float, engine: Engine | None = None,
     ) -> None:  # fmt: skip
         self.host = host
         self.device = device
-        self.threads = threads  # ONNX Runtime intra-op threads per session
+        self.engine = engine or OnnxEngine(threads)  # threads: ONNX Runtime's, per session
         self.watchdog = watchdog
         self.max_run_s = max_run_s  # a profiling run longer than this is stopped
 
@@ -97,9 +92,9 @@ class Loader:
             raise job.error
         if job.data is None:
             return None, "cold"
-        host = self.host.prepare(sha, job.data)
+        host = self.engine.prepare(self.host, sha, job.data)
         try:
-            host.session_bytes = measure_session_bytes(host, self.threads, self._guard)
+            host.session_bytes = self.engine.session_bytes(host, self._guard)
         except BaseException:
             self.host.drop(sha)  # it does not run: no pages kept for it
             raise
@@ -110,8 +105,16 @@ class Loader:
         return self.watchdog.guard(self.max_run_s)
 
     def _make_runnable(self, host: HostModel) -> list[str]:
-        live = build_session(host, self.threads)
-        return self.device.add(Runnable(host, live, host.session_bytes))
+        evicted = self.device.make_room(host.session_bytes)  # before a GPU copy takes pages
+        live = self.engine.build(host)
+        runnable = Runnable(
+            host, live, host.session_bytes, release=lambda: self.engine.release(live)
+        )
+        try:
+            return evicted + self.device.add(runnable)
+        except BaseException:
+            self.engine.release(live)
+            raise
 
     def _loaded(self, job: Job, start: float, tier: str, evicted: list[str]) -> Result:
         timing = Timing(
@@ -165,20 +168,25 @@ class Loader:
     def _measure(self, job: Job, host: HostModel, data: bytes | None) -> Result:
         action = job.action
         builds = []
+        live = None
         for _ in range(BUILD_SAMPLES):
+            if live is not None:
+                self.engine.release(live)
             start = time.perf_counter()
-            live = build_session(host, self.threads)
+            live = self.engine.build(host)
             builds.append((time.perf_counter() - start) * 1e6)
         start = time.perf_counter()
         if data is not None:  # only when the bytes are here: no fetch for a comparison
-            make_session(data, self.threads)
+            self.engine.fresh_build(data)
         fresh_us = (time.perf_counter() - start) * 1e6 if data is not None else 0.0
         with self.watchdog.guard(self.max_run_s) as options:
             try:
-                runs = profile(live, action.batches, action.samples, options)
+                runs = self.engine.profile(live, action.batches, action.samples, options)
             except Exception:
                 if not options.terminate:
                     raise
+            finally:
+                self.engine.release(live)
         if options.terminate:
             raise ModelInvalid(f"profiling ran longer than {self.max_run_s:g} s; stopped")
         return ProfileModelResult(

@@ -135,7 +135,7 @@ def run_batch(
     model: LiveModel, requests: list[RequestInputs], options: Any = None
 ) -> list[RequestOutcome]:
     """Run a batch; one (rid, outputs, error) per request, in order."""
-    if len(requests) > 1 and model.batchable and _stackable(requests):
+    if len(requests) > 1 and model.batchable and stackable(requests):
         try:
             return _run_stacked(model, requests, options)
         except Exception:
@@ -143,7 +143,7 @@ def run_batch(
     return [_run_one(model, r, options) for r in requests]
 
 
-def _stackable(requests: list[RequestInputs]) -> bool:
+def stackable(requests: list[RequestInputs]) -> bool:
     first = [(a.dtype, a.shape[1:]) for a in requests[0].arrays]
     return all([(a.dtype, a.shape[1:]) for a in r.arrays] == first for r in requests[1:])
 

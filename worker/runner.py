@@ -21,8 +21,9 @@ from mtcore.actions import (
 )
 from mtcore.errors import MTError, Status
 from mtcore.protocol import DEFAULT_LIMITS, TensorDesc, decode_tensor, encode_tensor, parse_descs
+from worker.engines import Engine, OnnxEngine
 from worker.executor import Job
-from worker.onnx_backend import RequestInputs, run_batch
+from worker.onnx_backend import RequestInputs
 from worker.tiers import DeviceTier
 from worker.watchdog import Watchdog
 
@@ -35,8 +36,12 @@ STOPPED = object()  # an inline run that was stopped: queue it for an exec threa
 class Runner:
     """Runs exec-lane jobs; shared by every exec thread and the I/O thread's inline runs."""
 
-    def __init__(self, device: DeviceTier, watchdog: Watchdog, max_run_s: float) -> None:
+    def __init__(
+        self, device: DeviceTier, watchdog: Watchdog, max_run_s: float,
+        engine: Engine | None = None,
+    ) -> None:  # fmt: skip
         self.device = device
+        self.engine = engine or OnnxEngine()
         self.watchdog = watchdog
         self.max_run_s = max_run_s  # a model run longer than this is stopped
         self._layouts: dict[str, list[TensorDesc]] = {}  # repr of descriptions -> parsed
@@ -68,7 +73,7 @@ class Runner:
             return self.failed(job, ActionStatus.INPUT_INVALID, exc.message)
         decoded = time.perf_counter()
         with self.watchdog.guard(limit_s) as options:
-            outcomes = run_batch(model, batch, options)
+            outcomes = self.engine.run_batch(model, batch, options)
         ran = time.perf_counter()
         if options.terminate:
             model.last_exec_us = math.inf  # slow now: never inline this model again

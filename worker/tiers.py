@@ -70,12 +70,24 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where one weight lies: page `page` of allocation `allocation`, at byte `offset`.
+
+    A device copy made page for page (worker.gpu.pools.copy_pages) keeps every place."""
+
+    allocation: int
+    page: int
+    offset: int
+
+
 @dataclass(eq=False)
 class HostModel:
     """A model in the host tier: its optimized graph on disk and its weights in pages."""
 
     sha256: str
-    graph_path: Path  # the optimized graph, initializers external (to an empty file)
+    graph_path: Path | None  # ORT's optimized graph, initializers external (to an empty
+    # file); None for an engine that keeps its own graph (`plan`)
     allocations: list[Allocation]  # pool pages holding the weights
     names: list[str]  # initializer names, in the order of `values`
     values: list[Any]  # onnxruntime.OrtValue over pool memory, one per initializer
@@ -83,10 +95,14 @@ class HostModel:
     prepare_us: float  # how long cold -> host took (optimize, save, copy into pages)
     session_bytes: int = 0  # measured resident bytes one runnable session adds
     sessions: int = 0  # live sessions built over these pages; evictable only at 0
+    arrays: list[np.ndarray] = field(default_factory=list)  # the weights, viewing the pages
+    places: list[Place] = field(default_factory=list)  # where each array lies in the pages
+    plan: Any = None  # the torch engine's lowered graph (None for ONNX Runtime's)
 
     def release(self) -> None:
         """Free the pages. The OrtValues and arrays viewing them go first."""
         self.values.clear()
+        self.arrays.clear()
         for allocation in self.allocations:
             if not allocation.freed:
                 allocation.free()
@@ -294,8 +310,9 @@ class HostTier:
         graph_path = directory / GRAPH_FILE
         tensors, left_to_ort = _external_tensors(graph_path)
         allocations: list[Allocation] = []
+        places: list[Place] = []
         try:
-            arrays = self._place(tensors, allocations)
+            arrays = self._place(tensors, allocations, places)
             if tensors:  # none when every initializer is small enough to stay inline
                 _read_weights(directory / WEIGHTS_FILE, tensors, arrays)
             values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
@@ -314,12 +331,45 @@ class HostTier:
             values,
             sum(t.nbytes for t in tensors),
             0.0,
+            arrays=arrays,
+            places=places,
         )
 
-    def _place(self, tensors: list[_Tensor], allocations: list[Allocation]) -> list[np.ndarray]:
+    def adopt(self, sha: str, plan: Any, weights: list[np.ndarray], start: float) -> HostModel:
+        """Cold -> host for an engine that parsed the model itself (the torch engine):
+        copy its weight arrays into pages. `start` is when preparing began."""
+        existing = self.get(sha)
+        if existing is not None:
+            return existing
+        tensors = [
+            _Tensor(f"w{i}", w.dtype, tuple(w.shape), 0, w.nbytes) for i, w in enumerate(weights)
+        ]
+        allocations: list[Allocation] = []
+        places: list[Place] = []
+        try:
+            arrays = self._place(tensors, allocations, places)
+            for array, weight in zip(arrays, weights, strict=True):
+                array[...] = weight
+        except BaseException:
+            arrays = None
+            for allocation in allocations:
+                allocation.free()
+            raise
+        model = HostModel(
+            sha, None, allocations, [], [], sum(t.nbytes for t in tensors), 0.0,
+            arrays=arrays, places=places, plan=plan,
+        )  # fmt: skip
+        model.prepare_us = (time.perf_counter() - start) * 1e6
+        self.models[sha] = model
+        self.prepared += 1
+        return model
+
+    def _place(
+        self, tensors: list[_Tensor], allocations: list[Allocation], places: list[Place]
+    ) -> list[np.ndarray]:
         """Allocate pages for every tensor (evicting idle models if needed), appending
         them to `allocations` as they are made (the caller frees them on failure);
-        return an array view over its place for each tensor."""
+        return an array view over its place for each tensor, and append the place."""
         page_size = self.pool.page_size
         placement, pages, large = pack([t.nbytes for t in tensors], page_size)
         shared = self._alloc(pages * page_size, contiguous=False) if pages else None
@@ -327,15 +377,17 @@ class HostTier:
             allocations.append(shared)
         runs = {}
         for i in large:
-            runs[i] = self._alloc(tensors[i].nbytes, contiguous=True)
-            allocations.append(runs[i])
+            runs[i] = len(allocations)
+            allocations.append(self._alloc(tensors[i].nbytes, contiguous=True))
         arrays = []
         for i, tensor in enumerate(tensors):
             if i in runs:
-                buffer, offset = runs[i].view(), 0
+                buffer, offset = allocations[runs[i]].view(), 0
+                places.append(Place(runs[i], 0, 0))
             else:
                 page, offset = placement[i]
                 buffer = shared.page(page)
+                places.append(Place(0, page, offset))
             count = tensor.nbytes // tensor.dtype.itemsize
             flat = np.frombuffer(buffer, tensor.dtype, count=count, offset=offset)
             arrays.append(flat.reshape(tensor.shape))
@@ -364,7 +416,8 @@ class HostTier:
             return False
         del self.models[sha]
         model.release()
-        shutil.rmtree(model.graph_path.parent, ignore_errors=True)
+        if model.graph_path is not None:
+            shutil.rmtree(model.graph_path.parent, ignore_errors=True)
         return True
 
     def close(self) -> None:
@@ -391,6 +444,11 @@ class Runnable:
     charge: int  # bytes charged against the device budget (measured)
     in_use: int = 0  # exec runs holding it now
     dropped: bool = False  # removed from the tier; released when the last run ends
+    release: Callable[[], None] = lambda: None  # frees what the copy owns (device pages)
+
+    def _released(self) -> None:
+        self.host.sessions -= 1
+        self.release()
 
 
 @dataclass
@@ -419,7 +477,7 @@ class DeviceTier:
         with self.lock:
             runnable.in_use -= 1
             if runnable.dropped and runnable.in_use == 0:
-                runnable.host.sessions -= 1
+                runnable._released()
 
     def peek(self, sha: str) -> Runnable | None:
         return self.models.get(sha)
@@ -427,28 +485,38 @@ class DeviceTier:
     def used(self) -> int:
         return sum(r.charge for r in self.models.values())
 
-    def add(self, runnable: Runnable) -> list[str]:
-        """Add, evicting least recently used idle sessions until it fits; nothing is
-        evicted when even that would not make room."""
+    def make_room(self, charge: int) -> list[str]:
+        """Evict least recently used idle sessions until `charge` bytes are free; nothing
+        is evicted when even that would not make room (LoadFailed). A GPU engine asks
+        before its copy: the device pool must have the pages free when it allocates."""
         with self.lock:
-            free = self.budget - self.used()
-            victims = []
-            for sha, other in self.models.items():
-                if free >= runnable.charge:
-                    break
-                if other.in_use == 0 and not self.busy(sha):
-                    victims.append(sha)
-                    free += other.charge
-            if free < runnable.charge:
-                raise LoadFailed(
-                    f"the model's session needs {runnable.charge} bytes; the device budget is"
-                    f" {self.budget}, and sessions in use or with work queued hold"
-                    f" {self.budget - free}"
-                )
-            for sha in victims:
-                self._drop_locked(sha)
+            return self._make_room_locked(charge)
+
+    def add(self, runnable: Runnable) -> list[str]:
+        """Add, evicting as `make_room` does."""
+        with self.lock:
+            victims = self._make_room_locked(runnable.charge)
             runnable.host.sessions += 1
             self.models[runnable.host.sha256] = runnable
+        return victims
+
+    def _make_room_locked(self, charge: int) -> list[str]:
+        free = self.budget - self.used()
+        victims = []
+        for sha, other in self.models.items():
+            if free >= charge:
+                break
+            if other.in_use == 0 and not self.busy(sha):
+                victims.append(sha)
+                free += other.charge
+        if free < charge:
+            raise LoadFailed(
+                f"the model's session needs {charge} bytes; the device budget is"
+                f" {self.budget}, and sessions in use or with work queued hold"
+                f" {self.budget - free}"
+            )
+        for sha in victims:
+            self._drop_locked(sha)
         return victims
 
     def drop(self, sha: str) -> bool:
@@ -461,7 +529,7 @@ class DeviceTier:
             return False
         runnable.dropped = True
         if runnable.in_use == 0:
-            runnable.host.sessions -= 1
+            runnable._released()
         return True
 
     def clear(self) -> None:

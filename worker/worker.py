@@ -36,7 +36,7 @@ from typing import Any
 
 import zmq
 
-from ext import ActionTable, PagePool
+from ext import ActionTable
 from mtcore import keys
 from mtcore.actions import (
     ActionStatus,
@@ -63,6 +63,7 @@ from mtcore.protocol import (
     split_envelope,
 )
 from mtcore.transport import NOBLOCK, make_socket, recv_frames, send_frames
+from worker.engines import choose_engine
 from worker.executor import EXEC, LOADER, ExecutorThread, Job, result_frames
 from worker.loader import NEED_BYTES, Loader
 from worker.runner import INLINE_LIMIT_S, STOPPED, Runner
@@ -99,11 +100,14 @@ class Worker:
         self.watchdog = Watchdog()
         set_run_memory(config.run_memory)
         workdir = Path(tempfile.mkdtemp(prefix="mtserve-tiers-"))
-        self.host = HostTier(PagePool(config.host_budget, config.page_size), workdir)
+        self.engine = choose_engine(config.engine, threads, device_bytes=config.memory_budget,
+                                    page_size=config.page_size)  # fmt: skip
+        self.kind = config.kind or self.engine.kind
+        self.host = HostTier(self.engine.host_pool(config.host_budget, config.page_size), workdir)
         self.device = DeviceTier(config.memory_budget, busy=self.has_queued_infers)
         self.loader = Loader(self.host, self.device, threads, self.watchdog,
-                             config.max_run_seconds)  # fmt: skip
-        self.runner = Runner(self.device, self.watchdog, config.max_run_seconds)
+                             config.max_run_seconds, self.engine)  # fmt: skip
+        self.runner = Runner(self.device, self.watchdog, config.max_run_seconds, self.engine)
         self.table = ActionTable(config.table_slots)
         self.address = f"inproc://mtserve-results-{id(self)}"
         self.results = make_socket(self.ctx, zmq.PULL)  # from every executor thread
@@ -238,7 +242,8 @@ class Worker:
             WCmd.READY,
             {
                 "name": self.name,
-                "kind": self.config.kind,
+                "kind": self.kind,
+                "engine": self.engine.name,
                 "pid": os.getpid(),
                 "incarnation": self.incarnation,
                 "memory_budget": self.config.memory_budget,
@@ -537,6 +542,7 @@ class Worker:
         self.device.clear()
         self.host.close()
         self.table.close()
+        self.engine.close()  # device pool, streams; pinned host pages unregistered
         with contextlib.suppress(BufferError):
             self.host.pool.close()
 
