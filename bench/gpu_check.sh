@@ -54,7 +54,7 @@ timeout 240 "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
 
 step "tests marked gpu"
 timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
-    tests/test_gpu_pools.py tests/test_engines.py tests/test_torch_engine.py 2>&1 \
+    tests/test_gpu_pools.py tests/test_engines.py tests/test_torch_engine.py tests/test_tensorrt.py 2>&1 \
     | tee "$OUT/pytest_gpu.log" | tail -25
 
 step "bench.gpu"
