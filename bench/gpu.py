@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,30 +97,37 @@ def copy_bandwidth(repeats: int) -> dict[str, Any]:
     streams = GpuStreams()
     pinned = PinnedPool(COPY_BYTES + 4 * PAGE, PAGE)
     device = DevicePool(COPY_BYTES + 4 * PAGE, PAGE)
-    src = pinned.pool.alloc(COPY_BYTES, contiguous=False)
-    np.frombuffer(src.page(0), np.uint8)[:] = 7  # touched: no first-touch cost in the copy
-    dst = device.alloc(COPY_BYTES, contiguous=False)
-    pool_times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        copy_pages(pinned, dst, src, streams.weights)
-        streams.weights.synchronize()
-        pool_times.append(time.perf_counter() - start)
-    plain_host = cupy.cuda.alloc_pinned_memory(COPY_BYTES)
-    plain_device = cupy.empty(COPY_BYTES, cupy.uint8)
-    plain_times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        cupy.cuda.runtime.memcpyAsync(
-            plain_device.data.ptr, plain_host.ptr, COPY_BYTES,
-            cupy.cuda.runtime.memcpyHostToDevice, streams.weights.ptr,
-        )  # fmt: skip
-        streams.weights.synchronize()
-        plain_times.append(time.perf_counter() - start)
-    dst.free()
-    src.free()
-    device.close()
-    pinned.close()
+    try:
+        src = pinned.pool.alloc(COPY_BYTES, contiguous=False)
+        np.frombuffer(src.page(0), np.uint8)[:] = 7  # touched: no first-touch cost in the copy
+        dst = device.alloc(COPY_BYTES, contiguous=False)
+        pool_times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            copy_pages(pinned, dst, src, streams.weights)
+            streams.weights.synchronize()
+            pool_times.append(time.perf_counter() - start)
+        plain_host = cupy.cuda.alloc_pinned_memory(COPY_BYTES)
+        plain_device = cupy.empty(COPY_BYTES, cupy.uint8)
+        plain_times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            cupy.cuda.runtime.memcpyAsync(
+                plain_device.data.ptr, plain_host.ptr, COPY_BYTES,
+                cupy.cuda.runtime.memcpyHostToDevice, streams.weights.ptr,
+            )  # fmt: skip
+            streams.weights.synchronize()
+            plain_times.append(time.perf_counter() - start)
+        dst.free()
+        src.free()
+        del plain_host, plain_device
+    finally:
+        streams.sync()
+        device.close()
+        pinned.close()
+        # CuPy keeps what it frees: give the plain copy's 2 x 256 MiB back before the next figure
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
     pool_s, plain_s = statistics.median(pool_times[1:]), statistics.median(plain_times[1:])
     return {
         "bytes": COPY_BYTES,
@@ -151,7 +161,9 @@ class Engine:
         self.host.pool.close()
 
 
-def swap_in(engine: Engine, host: Any, bandwidth_gbps: float, repeats: int) -> dict[str, Any]:
+def swap_in(
+    engine: Engine, host: Any, bandwidth_gbps: float | None, repeats: int
+) -> dict[str, Any]:
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -159,6 +171,9 @@ def swap_in(engine: Engine, host: Any, bandwidth_gbps: float, repeats: int) -> d
         times.append(time.perf_counter() - start)
         engine.engine.release(live)
     swap_s = statistics.median(times[1:])
+    if bandwidth_gbps is None:  # the bandwidth figure failed: the swap-in alone
+        return {"weight_bytes": host.weight_bytes, "swap_ms": swap_s * 1e3, "ideal_ms": None,
+                "ratio": None}  # fmt: skip
     ideal_s = host.weight_bytes / (bandwidth_gbps * 1e9)
     return {
         "weight_bytes": host.weight_bytes,
@@ -194,8 +209,9 @@ def overlap(engine: Engine, copying: Any, running: Any, repeats: int) -> dict[st
     from worker.gpu.pools import copy_pages
 
     e = engine.engine
-    x = torch.randn(8, 3, 224, 224, device=e.device)
     exec_stream = e._torch_streams["exec"]
+    with torch.cuda.stream(exec_stream):  # made where it is read: the exec stream does not
+        x = torch.randn(8, 3, 224, 224, device=e.device)  # wait for the default one
 
     def copy_async() -> list[Any]:
         pages = []
@@ -245,20 +261,28 @@ def overlap(engine: Engine, copying: Any, running: Any, repeats: int) -> dict[st
             "serial_ms": s * 1e3, "overlapped_ms": t * 1e3, "ratio": t / s}  # fmt: skip
 
 
-def accuracy(engine: Engine, names: list[str]) -> dict[str, float]:
-    """Max relative error of the GPU engine's outputs against ONNX Runtime on the CPU."""
+def accuracy(engine: Engine, names: list[str]) -> dict[str, Any]:
+    """Max relative error of the GPU engine's outputs against ONNX Runtime on the CPU (the
+    error's text instead, for a model that failed)."""
     import onnxruntime as ort
 
-    errors = {}
+    errors: dict[str, Any] = {}
     for name in names:
-        host = engine.prepared(name)
-        live = engine.engine.build(host)
-        x = zoo.sample_inputs(name, 4, seed=11)["input"]
-        got = engine.engine._run(live, [x])[0]
-        session = ort.InferenceSession(zoo.model_bytes(name), providers=["CPUExecutionProvider"])
-        want = session.run(None, {"input": x})[0]
-        errors[name] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6))
-        engine.engine.release(live)
+        try:  # one model failing costs its line, not the others'
+            host = engine.prepared(name)
+            live = engine.engine.build(host)
+            try:
+                x = zoo.sample_inputs(name, 4, seed=11)["input"]
+                got = engine.engine._run(live, [x])[0]
+            finally:
+                engine.engine.release(live)
+            session = ort.InferenceSession(
+                zoo.model_bytes(name), providers=["CPUExecutionProvider"]
+            )
+            want = session.run(None, {"input": x})[0]
+            errors[name] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6))
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
     return errors
 
 
@@ -295,71 +319,111 @@ def end_to_end(engine: Engine, live: Any, requests: int) -> dict[str, Any]:
 
 
 def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    worst = max(doc["accuracy"].values())
+    """The goal lines; a figure that failed reads "-" (its error is in doc[key + "_error"])."""
+    ratio = lambda key: doc.get(key, {}).get("ratio")  # noqa: E731
+    errors = doc.get("accuracy") or {}
+    # a model that failed (its error text in place of a number) is not within the bound
+    worst = max((e if isinstance(e, float) else math.inf for e in errors.values()), default=None)
     return [
-        goal("pool copy bandwidth / plain pinned copy", doc["copy"]["ratio"], ">=", BANDWIDTH_MIN),
-        goal("resnet50 swap-in / (bytes / bandwidth)", doc["swap"]["ratio"], "<=", SWAP_MAX),
-        goal("overlapped copy+exec / serial", doc["overlap"]["ratio"], "<=", OVERLAP_MAX),
+        goal("pool copy bandwidth / plain pinned copy", ratio("copy"), ">=", BANDWIDTH_MIN),
+        goal("resnet50 swap-in / (bytes / bandwidth)", ratio("swap"), "<=", SWAP_MAX),
+        goal("overlapped copy+exec / serial", ratio("overlap"), "<=", OVERLAP_MAX),
         goal("max relative error vs ONNX Runtime on the CPU (fp32)", worst, "<=", REL_ERROR_MAX),
     ]
 
 
+def _f(value: Any, width: int, spec: str) -> str:
+    return f"{value:>{width}{spec}}" if isinstance(value, float | int) else f"{'-':>{width}}"
+
+
 def print_table(doc: dict[str, Any]) -> None:
-    c, s, o = doc["copy"], doc["swap"], doc["overlap"]
     print(f"GPU: {doc['probe']['gpu']}")
     print(f"{'figure':<44}{'ours':>12}{'baseline':>12}{'ratio':>8}")
-    print(f"{'H2D weight copy, GB/s (pools | plain pinned)':<44}{c['pool_gbps']:>12.2f}"
-          f"{c['plain_gbps']:>12.2f}{c['ratio']:>8.3f}")  # fmt: skip
-    print(f"{'resnet50 swap-in, ms (build | bytes/bw)':<44}{s['swap_ms']:>12.2f}"
-          f"{s['ideal_ms']:>12.2f}{s['ratio']:>8.3f}")  # fmt: skip
-    for batch, t in doc["exec"].items():
+    if "copy" in doc:
+        c = doc["copy"]
+        print(f"{'H2D weight copy, GB/s (pools | plain pinned)':<44}{c['pool_gbps']:>12.2f}"
+              f"{c['plain_gbps']:>12.2f}{c['ratio']:>8.3f}")  # fmt: skip
+    if "swap" in doc:
+        s = doc["swap"]
+        print(f"{'resnet50 swap-in, ms (build | bytes/bw)':<44}{s['swap_ms']:>12.2f}"
+              f"{_f(s['ideal_ms'], 12, '.2f')}{_f(s['ratio'], 8, '.3f')}")  # fmt: skip
+    for batch, t in doc.get("exec", {}).items():
         print(f"{'resnet50 exec ' + batch + ', ms (p50 | p99)':<44}{t['p50_ms']:>12.2f}"
               f"{t['p99_ms']:>12.2f}")  # fmt: skip
-    print(f"{'copy while running, ms (overlapped | serial)':<44}{o['overlapped_ms']:>12.2f}"
-          f"{o['serial_ms']:>12.2f}{o['ratio']:>8.3f}")  # fmt: skip
+    if "overlap" in doc:
+        o = doc["overlap"]
+        print(f"{'copy while running, ms (overlapped | serial)':<44}{o['overlapped_ms']:>12.2f}"
+              f"{o['serial_ms']:>12.2f}{o['ratio']:>8.3f}")  # fmt: skip
     if "e2e" in doc:
         e = doc["e2e"]
         print(f"{'resnet50 b1 request p50, ms (served | engine)':<44}{e['served_p50_ms']:>12.2f}"
               f"{e['inproc_p50_ms']:>12.2f}")  # fmt: skip
-    for name, err in doc["accuracy"].items():
-        print(f"{'rel. error vs ORT CPU, ' + name:<44}{err:>12.2e}")
+    for name, err in doc.get("accuracy", {}).items():
+        print(f"{'rel. error vs ORT CPU, ' + name:<44}{_f(err, 12, '.2e')}"
+              + ("" if isinstance(err, float) else f"  {err}"))  # fmt: skip
+    for key, error in doc.items():
+        if key.endswith("_error"):
+            print(f"FAILED {key.removesuffix('_error')}: {error}")
 
 
-def run(quick: bool, skip_e2e: bool) -> dict[str, Any]:
+def _attempt(doc: dict[str, Any], key: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), or None with doc[key + "_error"] saying why: one step failing costs its
+    figures, not the others' (a sticky CUDA error fails the rest, each with its reason)."""
+    print(f"measuring {key} ...", file=sys.stderr, flush=True)
+    try:
+        return fn(*args)
+    except Exception as exc:
+        doc[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        return None
+
+
+def run(
+    quick: bool, skip_e2e: bool, save: Callable[[dict[str, Any]], None] = lambda doc: None
+) -> dict[str, Any]:
+    """The figures; `save(doc)` after each, so a run cut short keeps what it measured."""
     repeats = 5 if quick else 15
     doc: dict[str, Any] = {"benchmark": "gpu", "config": meta() | {"quick": quick}}
     doc["probe"] = probe()
     print(json.dumps(doc["probe"], indent=1), file=sys.stderr, flush=True)
     if not doc["probe"]["gpu_visible"]:
         return doc
-    step = lambda what: print(f"measuring {what} ...", file=sys.stderr, flush=True)  # noqa: E731
-    step("copy bandwidth")
-    doc["copy"] = copy_bandwidth(repeats)
-    engine = Engine(host_bytes=2 << 30, device_bytes=4 << 30)
-    try:
-        step("resnet50 swap-in")
-        a, b = engine.prepared("resnet50", 0), engine.prepared("resnet50", 1)
-        doc["swap"] = swap_in(engine, a, doc["copy"]["pool_gbps"], repeats)
-        live_b = engine.engine.build(b)
-        step("resnet50 execution")
-        doc["exec"] = exec_times(engine, live_b, 30 if quick else 100)
-        step("overlap")
-        doc["overlap"] = overlap(engine, a, live_b, repeats)
-        step("accuracy")
-        doc["accuracy"] = accuracy(
-            engine, ["tiny_add", "mlp", "mobilenetv2", "resnet18", "resnet50"]
-        )
-        if not skip_e2e:
-            step("end to end")
-            try:
-                doc["e2e"] = end_to_end(engine, live_b, 20 if quick else 50)
-            except Exception as exc:  # reported, not fatal: the other figures stand
-                doc["e2e_error"] = f"{type(exc).__name__}: {exc}"
-        engine.engine.release(live_b)
-    finally:
-        engine.close()
+
+    def figure(key: str, fn: Callable[..., Any], *args: Any) -> None:
+        result = _attempt(doc, key, fn, *args)
+        if result is not None:
+            doc[key] = result
+        save(doc)
+
+    figure("copy", copy_bandwidth, repeats)
+    engine = _attempt(doc, "engine", Engine, 2 << 30, 4 << 30)
+    if engine is not None:
+        try:
+            a = _attempt(doc, "prepare_a", engine.prepared, "resnet50", 0)
+            b = _attempt(doc, "prepare_b", engine.prepared, "resnet50", 1)
+            if a is not None:
+                bandwidth = doc.get("copy", {}).get("pool_gbps")
+                figure("swap", swap_in, engine, a, bandwidth, repeats)
+            live_b = _attempt(doc, "build", engine.engine.build, b) if b is not None else None
+            if live_b is not None:
+                figure("exec", exec_times, engine, live_b, 30 if quick else 100)
+                if a is not None:
+                    figure("overlap", overlap, engine, a, live_b, repeats)
+            figure("accuracy", accuracy, engine, ["tiny_add", "mlp", "mobilenetv2", "resnet18",
+                                                  "resnet50"])  # fmt: skip
+            if live_b is not None:
+                if not skip_e2e:
+                    figure("e2e", end_to_end, engine, live_b, 20 if quick else 50)
+                _attempt(doc, "release", engine.engine.release, live_b)
+        finally:
+            _attempt(doc, "close", engine.close)
     doc["goals"] = goals(doc)
     return doc
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,10 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--no-e2e", action="store_true", help="skip the broker + worker figure")
     args = p.parse_args(argv)
-    doc = run(args.quick, args.no_e2e)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu.json"
-    path.write_text(json.dumps(doc, indent=1, default=str))
+    doc = run(args.quick, args.no_e2e, save=lambda partial: _write(path, partial))
+    _write(path, doc)
     if "goals" not in doc:
         print(f"no GPU is visible ({doc['probe']['gpu']}); wrote the probe to {path}")
         return 2

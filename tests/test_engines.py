@@ -238,3 +238,43 @@ def test_mtbench_gpu_writes_the_probe_and_says_why_without_a_gpu(tmp_path: Path,
     assert doc["probe"]["gpu_visible"] is False and doc["probe"]["gpu"] == gpu_status()[1]
     assert doc["probe"]["engines"]["onnxruntime"] == "available" and "goals" not in doc
     assert "no GPU is visible" in capsys.readouterr().out
+
+
+# -- on a GPU (skipped here: no CUDA device) -------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mlp", "mobilenetv2", "resnet18"])
+def test_torch_engine_on_the_gpu_equals_onnx_runtime_and_gives_its_pages_back(
+    tmp_path: Path, watchdog, name: str
+) -> None:
+    from worker.gpu.torch_backend import TorchEngine
+
+    engine = TorchEngine(cuda=True, device_bytes=512 * MIB, page_size=2 * MIB)
+    host = HostTier(engine.host_pool(512 * MIB, 2 * MIB), tmp_path / "tiers")
+    device = DeviceTier(512 * MIB)
+    loader = Loader(host, device, 1, watchdog, 30.0, engine)
+    runner = Runner(device, watchdog, 30.0, engine)
+    try:
+        assert engine.pinned.pinned  # the host pool is registered pinned
+        loaded = loader.load(job(LoadModel(next(_ids), sha(name)), zoo.model_bytes(name)))
+        assert loaded.ok, loaded.error
+        live = device.peek(sha(name)).live
+        assert live.model.device.type == "cuda" and engine.pool.bytes_reserved > 0
+        weight = live.model.weights[0]
+        lo, hi = engine.pool.ptr, engine.pool.ptr + engine.pool.nbytes
+        assert lo <= weight.data_ptr() < hi  # a view of the device pool's pages
+        xs = [zoo.sample_inputs(name, rows, seed=rows)["input"] for rows in (1, 3)]
+        _, frames = infer(runner, name, xs)
+        for x, buf in zip(xs, frames, strict=True):
+            want = reference(name, x)
+            got = np.frombuffer(buf, np.float32).reshape(want.shape)
+            np.testing.assert_allclose(got, want, **FP32_TOLERANCE)
+        del live, weight
+        loader.unload(job(UnloadModel(next(_ids), sha(name))))
+        assert engine.pool.bytes_reserved == 0  # the device pages went back
+    finally:
+        device.clear()
+        host.close()
+        engine.close()
+        host.pool.close()

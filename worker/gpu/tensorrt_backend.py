@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ext import PagePool
-from mtcore.errors import ExecFailed, ModelInvalid
+from mtcore.errors import ExecFailed, ModelInvalid, PoolExhausted
 from worker.onnx_backend import RequestInputs, RequestOutcome
 from worker.tiers import HostModel, HostTier
 
@@ -66,25 +66,46 @@ class TrtLive:
 
 
 def _pool_allocator(pool: Any) -> Any:
-    """An IGpuAllocator whose memory is pages of the device pool."""
+    """An IGpuAllocator whose memory is pages of the device pool.
+
+    Synchronous: the async pair runs the same code (the bindings' docs ask for all five
+    methods). Pointers travel as ints; 0 is nullptr: for a request of 0 bytes, for a
+    full pool (TensorRT then reports the failure), and for reallocate (unsupported).
+    """
     import tensorrt as trt
 
     class PoolAllocator(trt.IGpuAllocator):
         def __init__(self) -> None:
             trt.IGpuAllocator.__init__(self)
             self.held: dict[int, Any] = {}
+            self.refused = 0  # requests the full pool refused: build says PoolExhausted
 
         def allocate(self, size: int, alignment: int, flags: int) -> int:
-            allocation = pool.alloc(max(size, 1), contiguous=True)  # pages are 64-aligned
+            if size == 0:
+                return 0
+            try:
+                allocation = pool.alloc(size, contiguous=True)  # pages: cudaMalloc-aligned
+            except PoolExhausted:
+                self.refused += 1
+                return 0
             pointer = allocation.page_ptr(0)
             self.held[pointer] = allocation
             return pointer
+
+        def reallocate(self, address: int, alignment: int, new_size: int) -> int:
+            return 0
 
         def deallocate(self, memory: int) -> bool:
             allocation = self.held.pop(int(memory), None)
             if allocation is not None:
                 allocation.free()
             return True
+
+        def allocate_async(self, size: int, alignment: int, *flags_and_stream: int) -> int:
+            return self.allocate(size, alignment, 0)  # bindings differ on the order
+
+        def deallocate_async(self, memory: int, stream: int) -> bool:
+            return self.deallocate(memory)
 
     return PoolAllocator()
 
@@ -141,6 +162,7 @@ class TensorRTEngine:
             raise ModelInvalid(f"TensorRT cannot parse the model: {errors[:400]}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means fp32, as for torch
         profile = builder.create_optimization_profile()
         inputs = []
         for i in range(network.num_inputs):
@@ -169,8 +191,10 @@ class TensorRTEngine:
         import cupy
 
         start = time.perf_counter()
-        before = self.pool.bytes_reserved
+        before, refused = self.pool.bytes_reserved, self.allocator.refused
         engine = self.runtime.deserialize_cuda_engine(host.arrays[0].tobytes())
+        if engine is None and self.allocator.refused > refused:
+            raise PoolExhausted("the device pool has no room for the TensorRT engine")
         if engine is None:
             raise ModelInvalid("TensorRT could not deserialize the engine")
         need = engine.device_memory_size_v2
@@ -179,7 +203,8 @@ class TensorRTEngine:
             self.workspace = cupy.empty(need, cupy.uint8)  # shared: one run at a time
         strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
         context = engine.create_execution_context(strategy)
-        context.device_memory = self.workspace.data.ptr
+        if context is None:
+            raise ModelInvalid("TensorRT could not create an execution context")
         nbytes = self.pool.bytes_reserved - before
         elapsed = (time.perf_counter() - start) * 1e6
         return TrtLive(host.sha256, engine, context, host.plan, nbytes, elapsed)
@@ -222,6 +247,8 @@ class TensorRTEngine:
             with streams.exec:
                 outputs.append(cupy.empty(shape, dtype))
             context.set_tensor_address(name, outputs[-1].data.ptr)
+        # Set per run: a larger engine's build replaces the workspace under older contexts.
+        context.set_device_memory(self.workspace.data.ptr, self.workspace.nbytes)
         if not context.execute_async_v3(streams.exec.ptr):
             raise ExecFailed("TensorRT failed to run the model")
         streams.order(streams.outputs, streams.exec)

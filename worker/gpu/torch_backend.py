@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ext import PagePool
-from mtcore.errors import ExecFailed, ModelInvalid, PoolExhausted
+from mtcore.errors import ExecFailed, ModelInvalid
 from worker.engines import OnnxEngine
 from worker.gpu import gpu_status
 from worker.gpu.torch_engine import TorchModel, TorchPlan, plan_model
@@ -188,7 +188,7 @@ class TorchEngine:
             for i, allocation in enumerate(host.allocations):
                 pages.append(self.pool.alloc(allocation.nbytes, contiguous=i in runs))
                 copy_pages(self.pinned, pages[-1], allocation, self.streams.weights)
-        except PoolExhausted:
+        except BaseException:  # PoolExhausted, or a copy refused: no page may stay held
             for allocation in pages:
                 allocation.free()
             raise
