@@ -126,7 +126,7 @@ def _importable(name: str) -> bool:
         return False
 
 
-def available(threads: int = 0) -> dict[str, str]:
+def available() -> dict[str, str]:
     """Each engine -> "" if this machine can run it, else why not."""
     from worker.gpu import gpu_status
 
@@ -148,7 +148,7 @@ def choose_engine(wanted: str = "auto", threads: int = 0, **gpu: Any) -> Engine:
     """
     if wanted not in ENGINES:
         raise ValueError(f"unknown engine {wanted!r}; choose from {', '.join(ENGINES)}")
-    why = available(threads)
+    why = available()
     if wanted == "auto":
         from worker.gpu import gpu_status
 

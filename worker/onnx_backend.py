@@ -9,7 +9,9 @@ each request is run by itself so only the bad one gets EXEC_FAILED.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,16 +133,27 @@ class RequestInputs:
 RequestOutcome = tuple[int, list[np.ndarray] | None, Exception | None]
 
 
+Run = Callable[[list[np.ndarray]], list[np.ndarray]]  # input arrays -> output arrays
+
+
 def run_batch(
-    model: LiveModel, requests: list[RequestInputs], options: Any = None
+    model: Any, requests: list[RequestInputs], options: Any = None, run: Run | None = None
 ) -> list[RequestOutcome]:
-    """Run a batch; one (rid, outputs, error) per request, in order."""
+    """Run a batch; one (rid, outputs, error) per request, in order. `run` runs one set
+    of inputs (every engine batches alike); by default ONNX Runtime's session."""
+    if run is None:
+        run = functools.partial(_session_run, model, options)
     if len(requests) > 1 and model.batchable and stackable(requests):
         try:
-            return _run_stacked(model, requests, options)
+            return _run_stacked(run, requests)
         except Exception:
             pass  # isolate the failing request below
-    return [_run_one(model, r, options) for r in requests]
+    return [_run_one(run, r) for r in requests]
+
+
+def _session_run(model: LiveModel, options: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    feeds = dict(zip(model.input_names, arrays, strict=True))
+    return model.session.run(model.output_names, feeds, options)
 
 
 def stackable(requests: list[RequestInputs]) -> bool:
@@ -148,14 +161,12 @@ def stackable(requests: list[RequestInputs]) -> bool:
     return all([(a.dtype, a.shape[1:]) for a in r.arrays] == first for r in requests[1:])
 
 
-def _run_stacked(
-    model: LiveModel, requests: list[RequestInputs], options: Any
-) -> list[RequestOutcome]:
-    feeds = {
-        name: np.concatenate([r.arrays[i] for r in requests], axis=0)
-        for i, name in enumerate(model.input_names)
-    }
-    outputs = model.session.run(model.output_names, feeds, options)
+def _run_stacked(run: Run, requests: list[RequestInputs]) -> list[RequestOutcome]:
+    arrays = [
+        np.concatenate([r.arrays[i] for r in requests], axis=0)
+        for i in range(len(requests[0].arrays))
+    ]
+    outputs = run(arrays)
     total = sum(r.rows for r in requests)
     if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
         raise ExecFailed("outputs are not batch-major; run requests one by one")
@@ -167,10 +178,9 @@ def _run_stacked(
     return results
 
 
-def _run_one(model: LiveModel, request: RequestInputs, options: Any) -> RequestOutcome:
-    feeds = dict(zip(model.input_names, request.arrays, strict=True))
+def _run_one(run: Run, request: RequestInputs) -> RequestOutcome:
     try:
-        return request.rid, model.session.run(model.output_names, feeds, options), None
+        return request.rid, run(request.arrays), None
     except Exception as exc:
         return request.rid, None, ExecFailed(f"the model failed while running: {str(exc)[:400]}")
 
@@ -197,15 +207,25 @@ def profile(
 
 
 def random_feeds(session: Any, batch: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    feeds = {}
+    specs = []
     for i in session.get_inputs():
         dtype = DTYPES[_ORT_TYPES.get(i.type, "float32")]
-        shape = [d if isinstance(d, int) else 1 for d in i.shape]
-        if shape and not isinstance(i.shape[0], int):
+        specs.append((dtype, [d if isinstance(d, int) else -1 for d in i.shape]))
+    names = [i.name for i in session.get_inputs()]
+    return dict(zip(names, random_arrays(specs, batch), strict=True))
+
+
+def random_arrays(specs: list[tuple[np.dtype, Sequence[int]]], batch: int) -> list[np.ndarray]:
+    """Inputs to profile with: (dtype, shape) each, -1 for a dynamic dimension; a dynamic
+    first one is the batch, the others are 1."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for dtype, dims in specs:
+        shape = [d if d != -1 else 1 for d in dims]
+        if shape and dims[0] == -1:
             shape[0] = batch
         if dtype.kind == "f":
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+            arrays.append(rng.standard_normal(shape).astype(dtype))
         else:
-            feeds[i.name] = np.zeros(shape, dtype)  # zeros are valid indices and flags
-    return feeds
+            arrays.append(np.zeros(shape, dtype))  # zeros are valid indices and flags
+    return arrays

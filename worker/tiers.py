@@ -299,8 +299,12 @@ class HostTier:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         trim_heap()
+        return self._keep(model, start)
+
+    def _keep(self, model: HostModel, start: float) -> HostModel:
+        """A model just prepared (since `start`) joins the tier."""
         model.prepare_us = (time.perf_counter() - start) * 1e6
-        self.models[sha] = model
+        self.models[model.sha256] = model
         self.prepared += 1
         return model
 
@@ -309,18 +313,13 @@ class HostTier:
 
         graph_path = directory / GRAPH_FILE
         tensors, left_to_ort = _external_tensors(graph_path)
-        allocations: list[Allocation] = []
-        places: list[Place] = []
-        try:
-            arrays = self._place(tensors, allocations, places)
+
+        def fill(arrays: list[np.ndarray]) -> list[Any]:
             if tensors:  # none when every initializer is small enough to stay inline
                 _read_weights(directory / WEIGHTS_FILE, tensors, arrays)
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        except BaseException:
-            arrays = values = None  # the views go before their pages
-            for allocation in allocations:
-                allocation.free()
-            raise
+            return [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+
+        allocations, places, arrays, values = self._in_pages(tensors, fill)
         if tensors and not left_to_ort:  # ORT checks that the file exists, reads nothing
             os.truncate(directory / WEIGHTS_FILE, 0)
         return HostModel(
@@ -344,25 +343,34 @@ class HostTier:
         tensors = [
             _Tensor(f"w{i}", w.dtype, tuple(w.shape), 0, w.nbytes) for i, w in enumerate(weights)
         ]
-        allocations: list[Allocation] = []
-        places: list[Place] = []
-        try:
-            arrays = self._place(tensors, allocations, places)
+
+        def fill(arrays: list[np.ndarray]) -> None:
             for array, weight in zip(arrays, weights, strict=True):
                 array[...] = weight
-        except BaseException:
-            arrays = None
-            for allocation in allocations:
-                allocation.free()
-            raise
+
+        allocations, places, arrays, _ = self._in_pages(tensors, fill)
         model = HostModel(
             sha, None, allocations, [], [], sum(t.nbytes for t in tensors), 0.0,
             arrays=arrays, places=places, plan=plan,
         )  # fmt: skip
-        model.prepare_us = (time.perf_counter() - start) * 1e6
-        self.models[sha] = model
-        self.prepared += 1
-        return model
+        return self._keep(model, start)
+
+    def _in_pages(
+        self, tensors: list[_Tensor], fill: Callable[[list[np.ndarray]], Any]
+    ) -> tuple[list[Allocation], list[Place], list[np.ndarray], Any]:
+        """Place the tensors in pages and `fill` their arrays (returning what it makes);
+        if either fails, every page taken goes back to the pool."""
+        allocations: list[Allocation] = []
+        places: list[Place] = []
+        try:
+            arrays = self._place(tensors, allocations, places)
+            made = fill(arrays)
+        except BaseException:
+            arrays = made = None  # the views go before their pages
+            for allocation in allocations:
+                allocation.free()
+            raise
+        return allocations, places, arrays, made
 
     def _place(
         self, tensors: list[_Tensor], allocations: list[Allocation], places: list[Place]

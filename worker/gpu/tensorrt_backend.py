@@ -19,6 +19,7 @@ What it does, by the tiers:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 
 from ext import PagePool
 from mtcore.errors import ExecFailed, ModelInvalid, PoolExhausted
-from worker.onnx_backend import RequestInputs, RequestOutcome
+from worker.onnx_backend import RequestInputs, RequestOutcome, random_arrays, run_batch
 from worker.tiers import HostModel, HostTier
 
 MIB = 1 << 20
@@ -220,15 +221,9 @@ class TensorRTEngine:
     def run_batch(
         self, live: TrtLive, requests: list[RequestInputs], options: Any
     ) -> list[RequestOutcome]:
-        """One request at a time (a stacked batch needs the same profile as the torch
-        engine's; kept simple where it cannot be tried)."""
-        outcomes = []
-        for request in requests:
-            try:
-                outcomes.append((request.rid, self._run(live, request.arrays), None))
-            except Exception as exc:
-                outcomes.append((request.rid, None, ExecFailed(str(exc)[:400])))
-        return outcomes
+        """Batched as every engine's (`onnx_backend.run_batch`): the optimization profile
+        covers batch 1 .. MAX_BATCH, the broker's largest."""
+        return run_batch(live, requests, run=functools.partial(self._run, live))
 
     def _run(self, live: TrtLive, arrays: list[np.ndarray]) -> list[np.ndarray]:
         import cupy
@@ -262,10 +257,7 @@ class TensorRTEngine:
     ) -> dict[int, list[float]]:
         result = {}
         for batch in batches if live.batchable else [1]:
-            arrays = [
-                np.zeros([batch if d == -1 else d for d in shape], dtype)
-                for _, dtype, shape in live.plan.inputs
-            ]
+            arrays = random_arrays([(d, s) for _, d, s in live.plan.inputs], batch)
             self._run(live, arrays)
             times = []
             for _ in range(runs):

@@ -26,6 +26,7 @@ so a run's time is bounded by its input shapes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from mtcore.errors import ExecFailed, ModelInvalid
 from worker.engines import OnnxEngine
 from worker.gpu import gpu_status
 from worker.gpu.torch_engine import TorchModel, TorchPlan, plan_model
-from worker.onnx_backend import RequestInputs, RequestOutcome, stackable
+from worker.onnx_backend import RequestInputs, RequestOutcome, random_arrays, run_batch
 from worker.tiers import HostModel, HostTier, resident_bytes
 
 MIB = 1 << 20
@@ -217,40 +218,10 @@ class TorchEngine:
     def run_batch(
         self, live: Any, requests: list[RequestInputs], options: Any
     ) -> list[RequestOutcome]:
-        """As ONNX Runtime's `run_batch`: stacked along axis 0 when the model allows it,
-        each request alone if the stacked run fails, so only the bad one fails."""
+        """Batched as ONNX Runtime's are (`onnx_backend.run_batch`), run by torch."""
         if not isinstance(live, TorchLive):
             return self.fallback.run_batch(live, requests, options)
-        if len(requests) > 1 and live.batchable and stackable(requests):
-            try:
-                return self._stacked(live, requests)
-            except Exception:
-                pass
-        return [self._one(live, r) for r in requests]
-
-    def _stacked(self, live: TorchLive, requests: list[RequestInputs]) -> list[RequestOutcome]:
-        arrays = [
-            np.concatenate([r.arrays[i] for r in requests]) for i in range(len(requests[0].arrays))
-        ]
-        outputs = self._run(live, arrays)
-        total = sum(r.rows for r in requests)
-        if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
-            raise ExecFailed("outputs are not batch-major; run requests one by one")
-        results, start = [], 0
-        for r in requests:
-            results.append((r.rid, [o[start : start + r.rows] for o in outputs], None))
-            start += r.rows
-        return results
-
-    def _one(self, live: TorchLive, request: RequestInputs) -> RequestOutcome:
-        try:
-            return request.rid, self._run(live, request.arrays), None
-        except Exception as exc:
-            return (
-                request.rid,
-                None,
-                ExecFailed(f"the model failed while running: {str(exc)[:400]}"),
-            )
+        return run_batch(live, requests, run=functools.partial(self._run, live))
 
     def _run(self, live: TorchLive, arrays: list[np.ndarray]) -> list[np.ndarray]:
         _check_inputs(live.plan, arrays)
@@ -335,14 +306,4 @@ def _check_inputs(plan: TorchPlan, arrays: list[np.ndarray]) -> None:
 
 
 def random_inputs(plan: TorchPlan, batch: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    arrays = []
-    for spec in plan.inputs:
-        shape = [
-            batch if i == 0 and d == -1 else (1 if d == -1 else d) for i, d in enumerate(spec.shape)
-        ]
-        if spec.dtype.kind == "f":
-            arrays.append(rng.standard_normal(shape).astype(spec.dtype))
-        else:
-            arrays.append(np.zeros(shape, spec.dtype))
-    return arrays
+    return random_arrays([(spec.dtype, spec.shape) for spec in plan.inputs], batch)
